@@ -1,0 +1,3 @@
+from jewelclf.cli import main
+
+main()

@@ -1,0 +1,282 @@
+"""The one typed configuration tree of a run.
+
+Defaults live here, in code. An experiment is a small YAML file that overrides some of them, and
+command-line flags override the YAML. Every run saves the resolved tree as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from jewelclf.errors import JewelclfError
+
+
+@dataclass
+class DataConfig:
+    """How images are found, checked, split and fed to the model."""
+
+    image_size: Optional[int] = None
+    """Square side in pixels. ``None`` takes the backbone's default."""
+    batch_size: int = 32
+    val_fraction: float = 0.15
+    """Share of each class (or of its groups) held out for validation when DATA has no val split."""
+    test_fraction: float = 0.0
+    """Share held out for testing when DATA has no test split (0 means: no test split)."""
+    resize: str = "squash"
+    """``squash`` resizes the whole photo to a square; ``crop`` centre-crops to a square first."""
+    cache: str = "auto"
+    """Decoded-image cache: ``memory``, ``disk`` (in the run dir), ``none``, or ``auto``."""
+    cache_memory_limit_mb: int = 2048
+    """With ``cache: auto``, cache in memory below this estimated size, on disk above it."""
+    shuffle_buffer: int = 2048
+    max_pixels: int = 50_000_000
+    """Images with more pixels than this are rejected before decoding (decode-bomb guard)."""
+    min_image_side: int = 8
+    """Images with a side shorter than this are rejected as carrying no usable content."""
+    check_workers: int = 4
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, run as Keras layers inside the model (on the accelerator)."""
+
+    enabled: bool = True
+    in_stage1: bool = False
+    """Augment while training the head. Off by default so stage 1 can train on cached features."""
+    zoom: float = 0.15
+    """Random crop/zoom-in of up to this fraction."""
+    flip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+    """Kept small: the colour of the metal is part of a jewellery label."""
+    blur: float = 0.3
+    """Gaussian blur strength, 0..1 (0 turns it off)."""
+
+
+@dataclass
+class ModelConfig:
+    """The network: a pretrained backbone and a small classification head."""
+
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    """``imagenet``, ``none``, or a path to a weights file for the backbone without its top."""
+    head_units: int = 0
+    """Units of the optional hidden Dense layer of the head (the "head size"); 0 means none."""
+    dropout: float = 0.2
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: the head alone, with the backbone frozen."""
+
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    patience: int = 5
+    cache_features: str = "auto"
+    """``auto`` computes the frozen backbone's features once when stage 1 has no augmentation."""
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: progressive unfreezing of the top of the backbone."""
+
+    epochs: int = 6
+    """Epochs of stage 2 in all, shared between the unfreezing steps (0 skips stage 2)."""
+    learning_rate: float = 1e-5
+    unfreeze_blocks: int = 2
+    """How many of the backbone's top blocks to unfreeze, one more per step."""
+    patience: int = 3
+    reduce_lr_factor: float = 0.3
+    reduce_lr_patience: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The two-stage schedule and what is shared by both stages."""
+
+    seed: int = 1337
+    class_weight: str = "auto"
+    """``auto`` (balanced when classes differ by more than 1.5:1), ``balanced`` or ``none``."""
+    label_smoothing: float = 0.0
+    top_k: int = 3
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_CHOICES = {
+    "data.resize": ("squash", "crop"),
+    "data.cache": ("auto", "memory", "disk", "none"),
+    "train.class_weight": ("auto", "balanced", "none"),
+    "train.stage1.cache_features": ("auto", "on", "off"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field's type; return it (ints widen to floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return "none"
+    else:  # pragma: no cover - every field of the tree is one of the above
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise JewelclfError(
+        f"config key '{key}' must be {name}, got {value!r} ({type(value).__name__}); fix its value"
+    )
+
+
+def _merge(obj: Any, overrides: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(overrides, dict):
+        raise JewelclfError(
+            f"{source}: config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+            f"got {overrides!r}"
+        )
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise JewelclfError(f"{source}: unknown config key '{full}'; known keys here: {known}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, f"{full}.", source)
+        else:
+            try:
+                changes[key] = _coerce(value, hints[key], full)
+            except JewelclfError as e:
+                raise JewelclfError(f"{source}: {e}") from None
+    return dataclasses.replace(obj, **changes)
+
+
+def merge(config: Config, overrides: dict[str, Any], source: str = "overrides") -> Config:
+    """Return ``config`` with nested ``overrides`` applied, checking every key and type."""
+    return _merge(config, overrides or {}, "", source)
+
+
+def set_dotted(overrides: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested override dict (used to turn CLI flags into overrides)."""
+    node = overrides
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML override file; a missing or malformed file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise JewelclfError(f"config file '{path}' does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise JewelclfError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JewelclfError(f"config file '{path}' must hold a mapping of config keys at its top")
+    return data
+
+
+def validate(config: Config) -> Config:
+    """Check value ranges that types alone cannot; raise a one-line error naming the key."""
+    flat = _flatten(config.to_dict())
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise JewelclfError(
+                f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}"
+            )
+    positive = ["data.batch_size", "data.shuffle_buffer", "data.max_pixels", "data.check_workers",
+                "train.stage1.learning_rate", "train.stage2.learning_rate", "train.top_k"]
+    non_negative = ["train.stage1.epochs", "train.stage2.epochs", "train.stage2.unfreeze_blocks",
+                    "train.stage1.patience", "train.stage2.patience", "model.head_units",
+                    "data.min_image_side", "train.stage2.reduce_lr_patience"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise JewelclfError(f"config key '{key}' must be positive, got {flat[key]}")
+    for key in non_negative:
+        if flat[key] < 0:
+            raise JewelclfError(f"config key '{key}' must not be negative, got {flat[key]}")
+    fractions = ["data.val_fraction", "data.test_fraction", "model.dropout",
+                 "train.label_smoothing", "augment.zoom", "augment.brightness",
+                 "augment.contrast", "augment.saturation", "augment.hue", "augment.blur"]
+    for key in fractions:
+        if not 0.0 <= flat[key] < 1.0 and not (key == "augment.blur" and flat[key] == 1.0):
+            raise JewelclfError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
+    if flat["data.val_fraction"] + flat["data.test_fraction"] >= 0.9:
+        raise JewelclfError("config keys 'data.val_fraction' + 'data.test_fraction' must stay below 0.9")
+    if not 0.0 < flat["train.stage2.reduce_lr_factor"] < 1.0:
+        raise JewelclfError("config key 'train.stage2.reduce_lr_factor' must be in (0, 1)")
+    if flat["data.image_size"] is not None and flat["data.image_size"] <= 0:
+        raise JewelclfError(f"config key 'data.image_size' must be positive, got {flat['data.image_size']}")
+    return config
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults in code, then the YAML file, then flag overrides; validated."""
+    config = Config()
+    if config_file:
+        config = merge(config, load_yaml(config_file), source=str(config_file))
+    if overrides:
+        config = merge(config, overrides, source="command line")
+    return validate(config)
+
+
+def from_dict(d: dict[str, Any], source: str = "config") -> Config:
+    """Rebuild a saved config (e.g. a run's ``config.yaml``)."""
+    return validate(merge(Config(), d, source=source))

@@ -1,0 +1,1 @@
+"""Data: finding examples, checking files, splitting, and the tf.data pipeline."""

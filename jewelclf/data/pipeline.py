@@ -1,0 +1,118 @@
+"""tf.data input pipelines: parallel read, decode and resize, cache, shuffle, batch, prefetch.
+
+Images stream from disk; decoded, resized uint8 images are cached in memory or in a cache file
+(``data.cache``), never gathered into NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import tensorflow as tf
+
+from jewelclf.config import DataConfig
+from jewelclf.data.images import load_image
+from jewelclf.data.sources import DataSource, Record
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _tfds_key_parts(key: str) -> tuple[str, int]:
+    # tfds:NAME/SPLIT#INDEX
+    body = key.split(":", 1)[1]
+    split_part, index = body.rsplit("#", 1)
+    return split_part.split("/", 1)[1], int(index)
+
+
+def _tfds_encoded(source: DataSource, records: list[Record]) -> tf.data.Dataset:
+    """(encoded bytes, label index) of ``records`` read back from TFDS, in the records' order
+    within each TFDS split."""
+    import tensorflow_datasets as tfds
+
+    info = source.tfds
+    builder = tfds.builder(info.name)
+    class_index = {c: i for i, c in enumerate(source.class_names)}
+    by_split: dict[str, dict[int, int]] = defaultdict(dict)
+    for r in records:
+        split, index = _tfds_key_parts(r.key)
+        by_split[split][index] = class_index[r.label]
+    parts = []
+    for split, wanted in by_split.items():
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={info.image_key: tfds.decode.SkipDecoding()})
+        keep = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(list(wanted), tf.int64), tf.constant(list(wanted.values()), tf.int64)),
+            default_value=-1)
+        ds = ds.enumerate().map(lambda i, ex: (ex[info.image_key], keep.lookup(i)))
+        parts.append(ds.filter(lambda _, label: label >= 0))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.concatenate(p)
+    return out.map(lambda b, label: (b, tf.cast(label, tf.int32)))
+
+
+def tfds_bytes(source: DataSource):
+    """A ``read_bytes`` function for :func:`jewelclf.data.check.check_records` over TFDS."""
+
+    def read(records: list[Record]) -> Iterator[tuple[Record, bytes]]:
+        by_key = {r.key: r for r in records}
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(source.tfds.name)
+        for split in sorted({_tfds_key_parts(k)[0] for k in by_key}):
+            ds = builder.as_dataset(split=split, shuffle_files=False,
+                                    decoders={source.tfds.image_key: tfds.decode.SkipDecoding()})
+            for i, ex in enumerate(ds.as_numpy_iterator()):
+                r = by_key.get(f"tfds:{source.tfds.name}/{split}#{i}")
+                if r is not None:
+                    yield r, ex[source.tfds.image_key]
+
+    return read
+
+
+def encoded_dataset(source: DataSource, records: list[Record]) -> tf.data.Dataset:
+    """(encoded bytes, label index) for ``records``; file order is kept."""
+    if source.tfds is not None:
+        return _tfds_encoded(source, records)
+    class_index = {c: i for i, c in enumerate(source.class_names)}
+    paths = [r.path for r in records]
+    labels = [class_index[r.label] for r in records]
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
+    return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
+
+
+def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, size: int,
+                    cache: str = "none", cache_dir: Path | None = None, name: str = "data") -> tf.data.Dataset:
+    """Unbatched (uint8 [size, size, 3], label) in a fixed order, cached as asked."""
+    ds = encoded_dataset(source, records).map(
+        lambda b, y: (load_image(b, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
+        deterministic=True)
+    if cache == "memory":
+        ds = ds.cache()
+    elif cache == "disk":
+        assert cache_dir is not None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ds = ds.cache(str(cache_dir / name))
+    return ds
+
+
+def choose_cache(cfg: DataConfig, n_images: int, size: int) -> str:
+    """Resolve ``data.cache: auto``: memory when the decoded set fits the budget, else disk."""
+    if cfg.cache != "auto":
+        return cfg.cache
+    megabytes = n_images * size * size * 3 / 2**20
+    return "memory" if megabytes <= cfg.cache_memory_limit_mb else "disk"
+
+
+def batched(ds: tf.data.Dataset, num_classes: int, batch_size: int, shuffle: bool = False,
+            seed: int | None = None, shuffle_buffer: int = 2048) -> tf.data.Dataset:
+    """Shuffle (optionally), batch, turn pixels to float32 and labels to one-hot, prefetch."""
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+                num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

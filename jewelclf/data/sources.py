@@ -1,0 +1,274 @@
+"""Finding the examples behind a ``DATA`` argument.
+
+``DATA`` is one of:
+
+- a folder of class subfolders;
+- a folder with ``train/`` (or ``training/``) and optional ``val/`` and ``test/`` subfolders,
+  each of class subfolders;
+- a CSV manifest with columns ``path,label`` and optional ``group`` and ``split``;
+- ``tfds:NAME[:SPLIT]``, read through tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from jewelclf.errors import JewelclfError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: where its bytes are, its label, and its split and group if known."""
+
+    path: str
+    """Absolute file path, or ``tfds:NAME/SPLIT#INDEX`` for TFDS examples."""
+    key: str
+    """Stable identity: the path relative to DATA (what the split manifest records)."""
+    label: str
+    split: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class TfdsInfo:
+    name: str
+    image_key: str
+    label_key: str
+    data_dir: str | None = None
+
+
+@dataclass
+class DataSource:
+    """What a ``DATA`` argument holds: its records, class names and, for TFDS, how to read it."""
+
+    spec: str
+    root: Path | None
+    class_names: list[str]
+    records: list[Record]
+    tfds: TfdsInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def with_records(self, records: list[Record]) -> "DataSource":
+        return replace(self, records=list(records))
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name not in ("Thumbs.db", "desktop.ini", "__MACOSX")
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """All visible files under ``folder``, following symlinks but never looping."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if _visible(f))
+    return out
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _split_dirs(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in _class_dirs(folder):
+        split = _SPLIT_ALIASES.get(p.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise JewelclfError(
+                f"'{folder}' has two folders for the {split} split ('{found[split].name}' and "
+                f"'{p.name}'); keep one"
+            )
+        found[split] = p
+    return found
+
+
+def _records_from_class_folders(folder: Path, root: Path, split: str | None) -> list[Record]:
+    classes = _class_dirs(folder)
+    records: list[Record] = []
+    for cdir in classes:
+        files = _walk_files(cdir)
+        if not files:
+            where = f"the {split} split" if split else f"'{folder}'"
+            raise JewelclfError(
+                f"class folder '{cdir}' in {where} is empty; add images to it or remove it"
+            )
+        for f in files:
+            records.append(Record(str(f.absolute()), f.relative_to(root).as_posix(), cdir.name, split))
+    return records
+
+
+def from_folder(folder: Path) -> DataSource:
+    folder = Path(folder)
+    splits = _split_dirs(folder)
+    notes: list[str] = []
+    if splits:
+        if "train" not in splits:
+            present = ", ".join(sorted(splits))
+            raise JewelclfError(
+                f"'{folder}' has {present} but no train/ (or training/) folder; add one, or point "
+                f"DATA at a folder of class subfolders"
+            )
+        records: list[Record] = []
+        for split, sdir in splits.items():
+            if not _class_dirs(sdir):
+                raise JewelclfError(f"split folder '{sdir}' has no class subfolders; add one folder per class")
+            records += _records_from_class_folders(sdir, folder, split)
+        others = [p.name for p in _class_dirs(folder) if p.name.lower() not in _SPLIT_ALIASES]
+        if others:
+            notes.append(f"ignored folders beside the split folders: {', '.join(others)}")
+        train_classes = {r.label for r in records if r.split == "train"}
+        for r in records:
+            if r.label not in train_classes:
+                raise JewelclfError(
+                    f"class '{r.label}' appears in the {r.split} split of '{folder}' but not in "
+                    f"train/; add training images for it or remove it"
+                )
+    else:
+        if not _class_dirs(folder):
+            raise JewelclfError(
+                f"'{folder}' has no class subfolders; put each class's images in a subfolder "
+                f"named after the class (e.g. {folder}/rings/*.jpg)"
+            )
+        records = _records_from_class_folders(folder, folder, None)
+    class_names = sorted({r.label for r in records})
+    return DataSource(str(folder), folder, class_names, records, notes=notes)
+
+
+def from_csv(path: Path) -> DataSource:
+    path = Path(path)
+    root = path.parent
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in ("path", "label") if c not in columns]
+            if missing:
+                raise JewelclfError(
+                    f"CSV manifest '{path}' lacks column(s) {', '.join(missing)}; its header must "
+                    f"name path,label (and optionally group,split), found: {','.join(columns) or 'nothing'}"
+                )
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError:
+        raise JewelclfError(f"CSV manifest '{path}' is not UTF-8 text; save it as UTF-8") from None
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows, start=2):
+        rel, label = row.get("path", ""), row.get("label", "")
+        if not rel or not label:
+            raise JewelclfError(f"CSV manifest '{path}' line {i}: empty path or label; fill it or delete the line")
+        if rel in seen:
+            raise JewelclfError(
+                f"CSV manifest '{path}' line {i}: '{rel}' is listed again (first on line "
+                f"{seen[rel]}); remove the duplicate row"
+            )
+        seen[rel] = i
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in _SPLIT_ALIASES:
+                raise JewelclfError(
+                    f"CSV manifest '{path}' line {i}: unknown split '{split}'; use train, val or test"
+                )
+            split = _SPLIT_ALIASES[split.lower()]
+        full = (root / rel) if not os.path.isabs(rel) else Path(rel)
+        records.append(Record(str(full.absolute()), rel, label, split, row.get("group") or None))
+    if not records:
+        raise JewelclfError(f"CSV manifest '{path}' has no rows; add one row per image")
+    splits_given = {r.split for r in records}
+    if None in splits_given and len(splits_given) > 1:
+        raise JewelclfError(
+            f"CSV manifest '{path}': the split column is filled on some rows but not others; "
+            f"fill it on every row or leave it empty"
+        )
+    if splits_given - {None} and "train" not in splits_given:
+        raise JewelclfError(f"CSV manifest '{path}' names no train rows; mark some rows split=train")
+    class_names = sorted({r.label for r in records if r.split in (None, "train")})
+    for r in records:
+        if r.label not in class_names:
+            raise JewelclfError(
+                f"CSV manifest '{path}': label '{r.label}' appears only outside the train split; "
+                f"add training rows for it or remove its rows"
+            )
+    return DataSource(str(path), root, class_names, records)
+
+
+def from_tfds(spec: str) -> DataSource:
+    """``tfds:NAME[:SPLIT]``: SPLIT (default ``train``) trains; ``validation``/``test`` are used if present."""
+    import tensorflow_datasets as tfds
+
+    parts = spec.split(":", 2)
+    name = parts[1] if len(parts) > 1 else ""
+    if not name:
+        raise JewelclfError(f"'{spec}' names no dataset; write tfds:NAME or tfds:NAME:SPLIT")
+    train_split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    try:
+        builder = tfds.builder(name)
+        builder.download_and_prepare()
+    except Exception as e:  # unknown name, no network, ...
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise JewelclfError(
+            f"could not load TFDS dataset '{name}' ({first}); check the name, or download it on a "
+            f"machine with a network and point TFDS_DATA_DIR at it"
+        ) from None
+    info = builder.info
+    features = info.features
+    image_key = next((k for k, v in features.items() if isinstance(v, tfds.features.Image)), None)
+    label_key = next((k for k, v in features.items() if isinstance(v, tfds.features.ClassLabel)), None)
+    if image_key is None or label_key is None:
+        raise JewelclfError(
+            f"TFDS dataset '{name}' has no image and class-label features; jewelclf needs both"
+        )
+    class_names = list(features[label_key].names)
+    wanted = {"train": train_split}
+    for split, candidates in (("val", ("validation", "val")), ("test", ("test",))):
+        for c in candidates:
+            if c in info.splits and c != train_split:
+                wanted[split] = c
+                break
+    records: list[Record] = []
+    for split, tfds_split in wanted.items():
+        ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
+                                decoders={image_key: tfds.decode.SkipDecoding()})
+        labels = ds.map(lambda ex: ex[label_key]).as_numpy_iterator()
+        for i, label in enumerate(labels):
+            key = f"tfds:{name}/{tfds_split}#{i}"
+            records.append(Record(key, key, class_names[int(label)], split))
+    return DataSource(spec, None, class_names, records,
+                      tfds=TfdsInfo(name, image_key, label_key, str(builder.data_dir)))
+
+
+def load_source(spec: str) -> DataSource:
+    """Resolve a ``DATA`` argument; a missing or unusable one is a one-line error."""
+    if spec.startswith("tfds:"):
+        return from_tfds(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise JewelclfError(f"data path '{spec}' does not exist; pass a folder of class subfolders or a CSV manifest")
+    if path.is_dir():
+        return from_folder(path)
+    if path.suffix.lower() == ".csv":
+        return from_csv(path)
+    raise JewelclfError(
+        f"data path '{spec}' is a file but not a .csv manifest; pass a folder of class "
+        f"subfolders, a CSV with path,label columns, or tfds:NAME"
+    )

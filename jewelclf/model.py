@@ -1,0 +1,107 @@
+"""The classifier: raw pixels in, class probabilities out.
+
+``pixels (0..255) -> augmentation (training only) -> backbone preprocessing -> backbone
+(training=False) -> GlobalAveragePooling2D ("pool") -> head: Dropout -> [Dense hidden] ->
+Dense softmax (float32)``.
+
+The head is its own small Keras model so that stage 1 can train it on cached features; the
+same layer objects sit inside the full model, so nothing is copied between the two.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from jewelclf.backbones import BackboneSpec, get_backbone
+from jewelclf.config import Config
+from jewelclf.layers import BackbonePreprocessing, build_augmentation
+
+BACKBONE = "backbone"
+HEAD = "head"
+POOL = "pool"
+PREPROCESSING = "preprocessing"
+AUGMENTATION = "augmentation"
+
+
+def image_size(config: Config) -> int:
+    """The square input side of the model: the config's, or the backbone's default."""
+    return config.data.image_size or get_backbone(config.model.backbone).default_image_size
+
+
+def build_head(feature_size: int, num_classes: int, head_units: int, dropout: float) -> keras.Model:
+    """Dropout, an optional hidden Dense layer, and a float32 softmax."""
+    features = keras.Input((feature_size,), name="features")
+    x = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    if head_units:
+        x = keras.layers.Dense(head_units, activation="relu", name="head_hidden")(x)
+        x = keras.layers.Dropout(dropout, name="head_hidden_dropout")(x)
+    # float32 even under mixed precision: a float16 softmax loses small probabilities.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                 name="probabilities")(x)
+    return keras.Model(features, outputs, name=HEAD)
+
+
+def build_classifier(config: Config, num_classes: int) -> keras.Model:
+    """Build the full functional model of ``config`` for ``num_classes`` classes."""
+    spec = get_backbone(config.model.backbone)
+    size = image_size(config)
+    base = spec.build(size, config.model.weights)
+    base.trainable = False
+
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs
+    if config.augment.enabled:
+        x = build_augmentation(config.augment, seed=config.train.seed)(x)
+    x = BackbonePreprocessing(spec.preprocessing, name=PREPROCESSING)(x)
+    # training=False keeps BatchNorm in inference mode, even when the base is unfrozen later.
+    x = base(x, training=False)
+    features = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
+    head = build_head(spec.feature_size, num_classes, config.model.head_units,
+                      config.model.dropout)
+    outputs = head(features)
+    return keras.Model(inputs, outputs, name=f"jewelclf_{spec.name}")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The model without augmentation and head: pixels in, pooled backbone features out.
+
+    Shares its layers with ``model``; used to compute stage-1 features once, and to embed.
+    """
+    size = model.input_shape[1:]
+    inputs = keras.Input(size, name="pixels")
+    x = model.get_layer(PREPROCESSING)(inputs)
+    x = model.get_layer(BACKBONE)(x, training=False)
+    features = model.get_layer(POOL)(x)
+    return keras.Model(inputs, features, name="features")
+
+
+def without_augmentation(model: keras.Model) -> keras.Model:
+    """The model with its augmentation block left out, sharing every other layer."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    features = feature_extractor(model)(inputs)
+    return keras.Model(inputs, model.get_layer(HEAD)(features), name=f"{model.name}_noaug")
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    model.get_layer(BACKBONE).trainable = False
+
+
+def unfreeze_top_blocks(model: keras.Model, spec: BackboneSpec, n_blocks: int) -> list[str]:
+    """Make the top ``n_blocks`` blocks of the backbone trainable; keep BatchNorm frozen.
+
+    Returns the unfrozen block names, top first. Recompile the model afterwards.
+    """
+    base = model.get_layer(BACKBONE)
+    blocks = spec.blocks(base)
+    chosen = blocks[len(blocks) - n_blocks:] if n_blocks > 0 else []
+    chosen_set = set(chosen)
+    layer_blocks = spec.layer_blocks(base)
+    base.trainable = True
+    for layer in base.layers:
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = (layer_blocks[layer.name] in chosen_set) and not is_bn
+    return list(reversed(chosen))
+
+
+def count_params(weights) -> int:
+    return int(sum(int(keras.ops.size(w)) for w in weights))
