@@ -14,7 +14,6 @@ are restored at the end.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 import time
@@ -157,12 +156,14 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _features(extractor: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    feats, labels = [], []
-    for x, y in ds:
-        feats.append(extractor(x, training=False).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(feats), np.concatenate(labels)
+def _features(extractor: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
+    """Pooled features of every image of a batched, ordered dataset (with a progress bar)."""
+    return extractor.predict(ds.map(lambda x, y: x), verbose=_verbose())
+
+
+def one_hot(records: list[Record], class_names: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.eye(len(class_names), dtype="float32")[[index[r.label] for r in records]]
 
 
 def _best_val_loss(history: keras.callbacks.History) -> float:
@@ -170,8 +171,9 @@ def _best_val_loss(history: keras.callbacks.History) -> float:
     return float(min(values)) if values else math.inf
 
 
-def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_plain,
-                 weights: dict | None, run_dir: Path, log: Log) -> dict[str, Any]:
+def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_order,
+                 labels: tuple[np.ndarray, np.ndarray], weights: dict | None, run_dir: Path,
+                 log: Log) -> dict[str, Any]:
     """Train the head with the backbone frozen, on cached features when augmentation is off."""
     cfg = config.train.stage1
     if cfg.epochs == 0:
@@ -185,8 +187,8 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_pla
     if use_cache:
         extractor = feature_extractor(model)
         log("stage 1: computing the frozen backbone's features once")
-        x_train, y_train = _features(extractor, train_plain)
-        x_val, y_val = _features(extractor, val_ds)
+        x_train, x_val = _features(extractor, train_in_order), _features(extractor, val_ds)
+        y_train, y_val = labels
         t_features = time.perf_counter() - t0
         head = model.get_layer(HEAD)
         head.compile(keras.optimizers.Adam(cfg.learning_rate), loss=_loss(config), metrics=_metrics())
@@ -265,6 +267,53 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             "unfrozen_blocks": unfrozen}
 
 
+@dataclass
+class Datasets:
+    """The tf.data pipelines of one prepared data set, shared by both stages (and by trials)."""
+
+    train: tf.data.Dataset
+    """Shuffled, batched training images."""
+    train_in_order: tf.data.Dataset
+    """The same images in a fixed order (for computing stage-1 features once)."""
+    val: tf.data.Dataset
+    labels: tuple[np.ndarray, np.ndarray]
+    """One-hot labels of ``train_in_order`` and ``val``."""
+    class_weights: dict[int, float] | None
+    cache: str
+
+
+def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log = print) -> Datasets:
+    """Build the train/val pipelines of ``data`` for ``config`` (decoded images cached once)."""
+    names = data.class_names
+    size = image_size(config)
+    cache = choose_cache(config.data, len(data.train) + len(data.val), size)
+    train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
+    val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
+    return Datasets(
+        train=batched(train_plain, len(names), config.data.batch_size, shuffle=True,
+                      seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer),
+        train_in_order=batched(train_plain, len(names), config.data.batch_size),
+        val=batched(val_plain, len(names), config.data.batch_size),
+        labels=(one_hot(data.train, names), one_hot(data.val, names)),
+        class_weights=class_weights(data.train, names, config.train.class_weight, log),
+        cache=cache,
+    )
+
+
+def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path,
+                log: Log = print) -> dict[str, Any]:
+    """Run both stages on ``model``; leave it holding the best weights; return a summary.
+
+    This is the one training code path, used by ``fit`` and by every tuning trial. It writes
+    ``history.csv`` and the best checkpoint into ``work_dir``.
+    """
+    s1 = train_stage1(model, config, ds.train, ds.val, ds.train_in_order, ds.labels,
+                      ds.class_weights, work_dir, log)
+    s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
+                      s1.get("epochs", 0), log)
+    return {"stage1": s1, "stage2": s2}
+
+
 def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = False,
         log: Log = print) -> dict[str, Any]:
     """Train a classifier on ``data_spec`` into ``run_dir``; return the run summary.
@@ -294,20 +343,9 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
     log("images per class (train/val/test): " + ", ".join(
         f"{c} {counts[('train', c)]}/{counts[('val', c)]}/{counts[('test', c)]}" for c in names))
 
-    size = image_size(config)
     model = build_classifier(config, len(names))
-    weights = class_weights(data.train, names, config.train.class_weight, log)
-    cache = choose_cache(config.data, len(data.train) + len(data.val), size)
-    cache_dir = run_dir / "cache"
-    train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
-    val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
-    train_ds = batched(train_plain, len(names), config.data.batch_size, shuffle=True,
-                       seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer)
-    train_in_order = batched(train_plain, len(names), config.data.batch_size)
-    val_ds = batched(val_plain, len(names), config.data.batch_size)
-
-    s1 = train_stage1(model, config, train_ds, val_ds, train_in_order, weights, run_dir, log)
-    s2 = train_stage2(model, config, train_ds, val_ds, weights, run_dir, s1.get("epochs", 0), log)
+    datasets = make_datasets(data, config, run_dir / "cache", log)
+    stages = train_model(model, config, datasets, run_dir, log)
     # Leave the backbone frozen in the saved model, so a reload trains the head by default.
     model.get_layer("backbone").trainable = False
     rd.atomic_save(run_dir / rd.MODEL, model.save)
@@ -316,7 +354,7 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
 
         plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES)
 
-    summary: dict[str, Any] = {"stage1": s1, "stage2": s2, "rejected_files": data.rejected,
+    summary: dict[str, Any] = {**stages, "rejected_files": data.rejected,
                                "num_train": len(data.train), "num_val": len(data.val),
                                "num_test": len(data.test)}
     if data.test:
@@ -329,10 +367,10 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
                          title=f"{run_dir.name}: test split")
         log(format_report(metrics))
         summary["test"] = {k: metrics[k] for k in ("accuracy", "top_k_accuracy", "macro_f1")}
-    if cache == "disk":
+    if datasets.cache == "disk":
         import shutil
 
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.rmtree(run_dir / "cache", ignore_errors=True)
     info.update({"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "wall_seconds": round(time.time() - started, 1), "summary": summary})
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)

@@ -54,7 +54,7 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
     except Exception as e:
-        return FileCheck(record, False, f"unreadable {fmt} header: {_first_line(e)}", fmt)
+        return FileCheck(record, False, f"corrupt {fmt}: unreadable header ({_first_line(e)})", fmt)
     if width * height > max_pixels:
         return FileCheck(record, False, f"too large: {width}x{height} px is over data.max_pixels="
                                         f"{max_pixels}; downscale it or raise the limit",

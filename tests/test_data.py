@@ -1,0 +1,241 @@
+import io
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import CLASSES, make_class_folder, make_csv, make_image, make_split_folder
+from jewelclf.config import DataConfig
+from jewelclf.data.check import check_file, check_records
+from jewelclf.data.images import decode_rgb, load_image
+from jewelclf.data.pipeline import batched, decoded_dataset
+from jewelclf.data.sources import Record, load_source
+from jewelclf.data.splits import assign_splits
+from jewelclf.errors import JewelclfError
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_class_folder_layout(tmp_path):
+    src = load_source(str(make_class_folder(tmp_path / "d", per_class=4)))
+    assert src.class_names == sorted(CLASSES)
+    assert len(src.records) == 12
+    assert all(r.split is None for r in src.records)
+    assert {r.key.split("/")[0] for r in src.records} == set(CLASSES)
+
+
+@pytest.mark.parametrize("train_name", ["train", "training"])
+def test_split_layout(tmp_path, train_name):
+    root = make_split_folder(tmp_path / "d", train=5, val=2, test=3, train_name=train_name)
+    src = load_source(str(root))
+    counts = Counter(r.split for r in src.records)
+    assert counts == {"train": 15, "val": 6, "test": 9}
+
+
+def test_csv_layout_with_groups_and_splits(tmp_path):
+    path = make_csv(tmp_path / "d", per_class=6, groups=3)
+    src = load_source(str(path))
+    assert src.class_names == sorted(CLASSES)
+    assert all(r.group for r in src.records)
+    assert all(r.path.startswith(str(tmp_path)) for r in src.records)
+
+
+def test_tfds_layout_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        src = load_source("tfds:cats_vs_dogs")
+        assert src.class_names == ["cat", "dog"]
+        assert {r.split for r in src.records} == {"train"}
+        records = assign_splits(src.records, seed=0, val_fraction=0.25)
+        ds = decoded_dataset(src, [r for r in records if r.split == "val"], DataConfig(), 24)
+        images = [x for x, _ in ds]
+        assert len(images) == sum(r.split == "val" for r in records) > 0
+        assert images[0].shape == (24, 24, 3) and images[0].dtype == tf.uint8
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "no class subfolders"),
+    (lambda p: (p / "ring").mkdir(parents=True), "is empty"),
+    (lambda p: p.write_text("x"), "not a .csv manifest"),
+])
+def test_bad_data_paths(tmp_path, make, needle):
+    p = tmp_path / "data"
+    make(p)
+    with pytest.raises(JewelclfError, match=needle):
+        load_source(str(p))
+
+
+def test_split_layout_class_missing_from_train(tmp_path):
+    root = make_split_folder(tmp_path / "d", train=3, test=0)
+    make_image("ring", 1, path=root / "test" / "bangle" / "a.jpg")
+    with pytest.raises(JewelclfError, match="'bangle' appears in the test split"):
+        load_source(str(root))
+
+
+@pytest.mark.parametrize("header, needle", [("file,label", "lacks column"), ("path,class", "lacks column")])
+def test_csv_missing_columns(tmp_path, header, needle):
+    p = tmp_path / "m.csv"
+    p.write_text(header + "\na.jpg,ring\n")
+    with pytest.raises(JewelclfError, match=needle):
+        load_source(str(p))
+
+
+def test_csv_duplicate_rows(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("path,label\na.jpg,ring\nb.jpg,watch\na.jpg,ring\n")
+    with pytest.raises(JewelclfError, match="line 4: 'a.jpg' is listed again"):
+        load_source(str(p))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _records(n_per_class=20, groups=None):
+    out = []
+    for c in CLASSES:
+        for i in range(n_per_class):
+            g = f"{c}-{i // groups}" if groups else None
+            out.append(Record(f"/x/{c}/{i}.jpg", f"{c}/{i}.jpg", c, None, g))
+    return out
+
+
+def test_split_is_stable_seeded_and_stratified():
+    recs = _records()
+    a = assign_splits(recs, seed=1, val_fraction=0.2)
+    b = assign_splits(list(reversed(recs)), seed=1, val_fraction=0.2)
+    c = assign_splits(recs, seed=2, val_fraction=0.2)
+    split_a = {r.key: r.split for r in a}
+    assert split_a == {r.key: r.split for r in b}           # order does not matter
+    assert split_a != {r.key: r.split for r in c}           # the seed does
+    per_class = Counter((r.label, r.split) for r in a)
+    for cls in CLASSES:
+        assert per_class[(cls, "val")] == 4 and per_class[(cls, "train")] == 16
+
+
+def test_split_keeps_groups_together():
+    recs = _records(n_per_class=30, groups=3)  # 10 groups of 3 photos per class
+    out = assign_splits(recs, seed=0, val_fraction=0.2, test_fraction=0.2)
+    by_group = {}
+    for r in out:
+        by_group.setdefault(r.group, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_group.values())
+    assert Counter(r.split for r in out) == {"train": 54, "val": 18, "test": 18}
+
+
+def test_existing_val_split_is_kept():
+    recs = [r if i % 5 else Record(r.path, r.key, r.label, "val") for i, r in enumerate(_records(10))]
+    recs = [r if r.split else Record(r.path, r.key, r.label, "train") for r in recs]
+    out = assign_splits(recs, seed=0, val_fraction=0.5)
+    assert [r.split for r in out] == [r.split for r in recs]
+
+
+# ---------------------------------------------------------------- odd and corrupt files
+
+
+def _bytes(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    good_jpeg = _bytes(Image.fromarray(rgb), "JPEG")
+    files = {
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 3],
+        "zero.jpg": b"",
+        "text.jpg": b"this is not an image, just text\n",
+        "cmyk.jpg": _bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "deep.png": _bytes(Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), "PNG"),
+        "rgba.png": _bytes(Image.fromarray(np.dstack([rgb, np.zeros((30, 40), np.uint8)])), "PNG"),
+        "anim.gif": _bytes(Image.fromarray(rgb).convert("P"), "GIF", save_all=True,
+                           append_images=[Image.fromarray(255 - rgb).convert("P")]),
+        "pic.bmp": _bytes(Image.fromarray(rgb), "BMP"),
+        "pic.webp": _bytes(Image.fromarray(rgb), "WEBP"),
+        "really_jpeg.png": good_jpeg,
+        "tiny.png": _bytes(Image.fromarray(rgb[:1, :1]), "PNG"),
+        "scan.tif": _bytes(Image.fromarray(rgb), "TIFF"),
+    }
+    paths = {}
+    for name, data in files.items():
+        p = tmp_path / name
+        p.write_bytes(data)
+        paths[name] = p
+    return paths
+
+
+EXPECT_OK = {"cmyk.jpg", "deep.png", "rgba.png", "anim.gif", "pic.bmp", "pic.webp", "really_jpeg.png"}
+EXPECT_REASON = {
+    "truncated.jpg": "corrupt JPEG",
+    "zero.jpg": "empty file",
+    "text.jpg": "unsupported format (text)",
+    "tiny.png": "too small",
+    "scan.tif": "unsupported format (TIFF)",
+}
+
+
+def test_check_accepts_odd_but_valid_and_rejects_corrupt(odd_files):
+    recs = [Record(str(p), name, "ring") for name, p in odd_files.items()]
+    results = {c.record.key: c for c in check_records(recs, max_pixels=10**8, min_side=8, workers=2)}
+    assert {k for k, c in results.items() if c.ok} == EXPECT_OK
+    for name, needle in EXPECT_REASON.items():
+        assert needle in results[name].reason, (name, results[name].reason)
+
+
+def test_decode_rules(odd_files):
+    def dec(name):
+        return decode_rgb(tf.constant(odd_files[name].read_bytes())).numpy()
+
+    rgba = dec("rgba.png")                     # fully transparent -> composited onto white
+    assert rgba.shape == (30, 40, 3) and (rgba == 255).all()
+    gif = dec("anim.gif")                      # first frame only
+    assert gif.shape == (30, 40, 3)
+    assert dec("deep.png").dtype == np.uint8   # 16-bit scaled to 8-bit
+    gray = dec("deep.png")
+    assert (gray[..., 0] == gray[..., 1]).all()
+
+
+def test_decode_bomb_refused_before_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("L", (6000, 6000)).save(p)       # 36 MP of zeros: a small file
+    c = check_file(Record(str(p), "bomb.png", "ring"), max_pixels=20_000_000, min_side=8)
+    assert not c.ok and "too large: 6000x6000" in c.reason
+
+
+def test_unreadable_and_folder_named_like_image(tmp_path):
+    d = tmp_path / "folder.jpg"
+    d.mkdir()
+    c = check_file(Record(str(d), "folder.jpg", "ring"), 10**8, 8)
+    assert not c.ok and "folder" in c.reason
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_pipeline_matches_load_image_and_batches(tmp_path):
+    root = make_class_folder(tmp_path / "d", per_class=3)
+    src = load_source(str(root))
+    ds = decoded_dataset(src, src.records, DataConfig(), 24, cache="memory")
+    first_x, first_y = next(iter(ds))
+    expected = load_image(tf.io.read_file(src.records[0].path), 24)
+    assert (first_x.numpy() == expected.numpy()).all()
+    assert int(first_y) == src.class_names.index(src.records[0].label)
+    x, y = next(iter(batched(ds, 3, batch_size=4, shuffle=True, seed=0)))
+    assert x.shape == (4, 24, 24, 3) and x.dtype == tf.float32
+    assert y.shape == (4, 3) and float(tf.reduce_sum(y)) == 4.0
+
+
+def test_disk_cache(tmp_path):
+    root = make_class_folder(tmp_path / "d", per_class=2)
+    src = load_source(str(root))
+    ds = decoded_dataset(src, src.records, DataConfig(), 16, cache="disk",
+                         cache_dir=tmp_path / "cache", name="train")
+    n = sum(1 for _ in ds)
+    assert n == 6 and any((tmp_path / "cache").iterdir())
+    shutil.rmtree(root)                       # the second pass reads the cache, not the files
+    assert sum(1 for _ in ds) == 6
