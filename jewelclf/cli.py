@@ -48,6 +48,7 @@ def _overrides(**flags) -> dict:
         "unfreeze_blocks": "train.stage2.unfreeze_blocks", "learning_rate": "train.stage1.learning_rate",
         "fine_tune_learning_rate": "train.stage2.learning_rate", "seed": "train.seed",
         "class_weight": "train.class_weight", "augment": "augment.enabled",
+        "deterministic": "train.deterministic",
     }
     out: dict = {}
     for flag, value in flags.items():
@@ -78,6 +79,8 @@ def _overrides(**flags) -> dict:
 @click.option("--class-weight", type=click.Choice(["auto", "balanced", "none"]))
 @click.option("--augment/--no-augment", default=None, help="Training-time augmentation in stage 2.")
 @click.option("--seed", type=int, help="The one seed of the run (split, init, shuffling).")
+@click.option("--deterministic", is_flag=True, default=None,
+              help="TensorFlow op determinism: identical reruns, slower.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @_handle_errors
 def fit(data, run_dir, config_file, overwrite, **flags):
@@ -107,6 +110,66 @@ def evaluate(run_dir, data, output, split):
     if metrics.get("rejected_files"):
         click.echo(f"{metrics['rejected_files']} unreadable file(s) left out: {out_dir / 'rejected_files.csv'}")
     click.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'confusion_matrix.png'}")
+
+
+# --- export and predict (issue #4) ------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "tflite", "keras"]),
+              default="savedmodel", show_default=True, help="What to write.")
+@click.option("--output", type=click.Path(path_type=Path),
+              help="savedmodel: the model's base folder, versions go inside (default "
+                   "exported_models/<run dir name>); tflite/keras: a folder (default "
+                   "exported_models/<run dir name>_tflite or _keras).")
+@click.option("--version", type=int, help="savedmodel: the version number (default: the next one).")
+@click.option("--quantize", multiple=True,
+              type=click.Choice(["none", "float16", "dynamic", "int8", "all"]),
+              help="tflite: quantization mode; repeat it or pass 'all' to compare modes (default none).")
+@click.option("--test-data", help="A labelled folder or manifest: report the export's accuracy on it "
+                                  "next to the Keras model's (its test split if it has one).")
+@click.option("--parity-data", help="Labelled images for the parity check, if the run's data moved.")
+@click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
+@_handle_errors
+def export(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite):
+    """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
+    out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
+    from jewelclf.export import export_run, format_export_summary
+
+    report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
+                        log=click.echo)
+    click.echo(format_export_summary(report))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, metavar="MODEL IMAGE_OR_DIR...")
+@click.option("--top-k", type=int, help="Classes to show per image (default: the model's top-k).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--server", help="TF Serving REST address, e.g. http://localhost:8501 (then no MODEL).")
+@click.option("--model", "server_model", help="With --server: the model name TF Serving serves.")
+@click.option("--version", type=int, help="With --server: ask for this model version.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per request.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="With --server: seconds per request.")
+@_handle_errors
+def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout):
+    """Predict classes of images or folders of images with MODEL (an exported SavedModel, a
+    .keras or .tflite file, or a run dir), or with --server URL --model NAME through TF Serving."""
+    import json as json_mod
+
+    from jewelclf.predict import format_table, run_predict
+
+    model, images = (None, list(paths)) if server else ((paths[0] if paths else None), list(paths[1:]))
+    results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout)
+    for r in results:
+        if r.error is not None:
+            click.echo(f"skipped {r.image}: {r.error}", err=True)
+    if as_json:
+        click.echo(json_mod.dumps([r.to_dict() for r in results], indent=2))
+    elif any(r.error is None for r in results):
+        click.echo(format_table(results))
+    if all(r.error is not None for r in results):
+        raise JewelclfError(f"none of the {len(results)} image(s) could be predicted; see the lines above")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -104,6 +104,8 @@ class TrainConfig:
     """The two-stage schedule and what is shared by both stages."""
 
     seed: int = 1337
+    deterministic: bool = False
+    """Turn on TensorFlow's op determinism: bit-identical reruns, at a cost in speed."""
     class_weight: str = "auto"
     """``auto`` (balanced when classes differ by more than 1.5:1), ``balanced`` or ``none``."""
     label_smoothing: float = 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -133,3 +135,31 @@ def require_finished_run(run_dir: Path) -> dict[str, Any]:
             f"check the path"
         )
     return info
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` for the life of a command.
+
+    The lock is an ``flock`` on ``.<name>.lock`` beside the run dir, so it survives the run dir
+    being replaced, and the kernel releases it when the process dies: a killed run never leaves
+    a stale lock behind. A second process asking for the same run dir is refused at once.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise JewelclfError(
+                f"run dir '{run_dir}' is in use by {holder}; wait for it to finish or choose "
+                f"another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -320,9 +320,15 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
 
     Writes the resolved config, class names, split manifest, rejected files, history and
     curves, the best checkpoint, ``model.keras`` and, when the data has a test split,
-    ``metrics.json`` with its confusion matrix.
+    ``metrics.json`` with its confusion matrix. Only one process at a time may use a run dir.
     """
     get_backbone(config.model.backbone)  # fail fast on a bad name, before touching run_dir
+    with rd.run_lock(Path(run_dir)):
+        return _fit_locked(data_spec, Path(run_dir), config, overwrite, log)
+
+
+def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool,
+                log: Log) -> dict[str, Any]:
     run_dir = rd.prepare_run_dir(Path(run_dir), overwrite=overwrite, log=log)
     started = time.time()
     info = {"status": "running", "data": data_spec, "seed": config.train.seed,
@@ -330,6 +336,8 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
     rd.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
     try:
         data = prepare_data(data_spec, config, run_dir, log)

@@ -156,3 +156,25 @@ def test_cli_error_bad_backbone_and_config(tmp_path):
 def test_evaluate_needs_a_finished_run(tmp_path):
     line = _one_line_error(run("evaluate", tmp_path, tmp_path))
     assert "no finished jewelclf run" in line
+
+
+def test_second_process_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    data = make_class_folder(tmp_path / "data", per_class=5)
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from jewelclf.rundir import run_lock\n"
+        f"with run_lock(__import__('pathlib').Path({str(run_dir)!r})):\n"
+        "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = _one_line_error(run("fit", data, "--run-dir", run_dir, *TINY_FLAGS))
+        assert "is in use by pid" in line and str(holder.pid) in line
+    finally:
+        holder.kill()                                   # SIGKILL: no chance to clean up
+        holder.wait()
+    ok = run("fit", data, "--run-dir", run_dir, *TINY_FLAGS, "--epochs", "1", "--fine-tune-epochs", "0")
+    assert ok.exit_code == 0, ok.output
