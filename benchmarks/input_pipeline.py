@@ -1,0 +1,96 @@
+"""Input pipeline throughput: jewelclf's tf.data pipeline against two baselines, in one process.
+
+- ``bare``: read, ``tf.io.decode_image`` and ``tf.image.resize`` mapped in parallel, nothing
+  else (the practical limit of decoding these files on this machine);
+- ``keras``: ``keras.utils.image_dataset_from_directory`` at the same size and batch;
+- ``jewelclf``: ``decoded_dataset`` + ``batched`` as ``fit`` uses them (decode with alpha and
+  grayscale handling, antialiased resize, uint8 rounding, batching, float cast, prefetch), first
+  pass (decoding) and a second pass from the cache (what every later epoch costs).
+
+Usage::
+
+    python benchmarks/input_pipeline.py ../shared/data/jewellery/training --size 224 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from jewelclf.config import DataConfig  # noqa: E402
+from jewelclf.data.check import check_records  # noqa: E402
+from jewelclf.data.pipeline import batched, decoded_dataset  # noqa: E402
+from jewelclf.data.sources import load_source  # noqa: E402
+
+
+def consume(ds) -> int:
+    n = 0
+    for x, *_ in ds:
+        n += int(x.shape[0]) if x.shape.rank == 4 else 1
+    return n
+
+
+def timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", help="a folder of class subfolders")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    source = load_source(args.folder)
+    records = [c.record for c in check_records(source.records, 50_000_000, 8) if c.ok]
+    paths = [r.path for r in records]
+    size, bs = args.size, args.batch_size
+    print(f"{len(records)} images, {size} px, batch {bs}, {os.cpu_count()} CPU cores, "
+          f"TensorFlow {tf.__version__}")
+
+    def bare():
+        ds = tf.data.Dataset.from_tensor_slices(paths).map(
+            lambda p: tf.image.resize(tf.io.decode_image(tf.io.read_file(p), channels=3,
+                                                         expand_animations=False), [size, size]),
+            num_parallel_calls=tf.data.AUTOTUNE).batch(bs).prefetch(tf.data.AUTOTUNE)
+        return consume(ds)
+
+    def keras_dir():
+        ds = keras.utils.image_dataset_from_directory(
+            args.folder, image_size=(size, size), batch_size=bs, shuffle=False, verbose=False)
+        return consume(ds.prefetch(tf.data.AUTOTUNE))
+
+    cached = batched(decoded_dataset(source, records, DataConfig(), size, cache="memory"),
+                     len(source.class_names), bs)
+
+    def ours_uncached():
+        ds = batched(decoded_dataset(source, records, DataConfig(), size), len(source.class_names), bs)
+        return consume(ds)
+
+    results: dict[str, list[float]] = {"bare": [], "keras": [], "jewelclf": []}
+    for _ in range(args.repeats):
+        for name, fn in (("bare", bare), ("keras", keras_dir), ("jewelclf", ours_uncached)):
+            seconds, n = timed(fn)
+            results[name].append(n / seconds)
+    fill, n = timed(lambda: consume(cached))
+    cache_pass, _ = timed(lambda: consume(cached))
+    best = {k: max(v) for k, v in results.items()}
+    print(f"{'pipeline':<28} {'img/s':>8} {'vs bare':>8}")
+    for name, label in (("bare", "bare decode+resize"), ("keras", "image_dataset_from_directory"),
+                        ("jewelclf", "jewelclf (decoding)")):
+        print(f"{label:<28} {best[name]:8.1f} {best[name] / best['bare']:8.2f}")
+    print(f"{'jewelclf (from cache)':<28} {n / cache_pass:8.1f} {n / cache_pass / best['bare']:8.2f}")
+    print(f"(best of {args.repeats} passes each, interleaved; cache fill pass {n / fill:.1f} img/s)")
+
+
+if __name__ == "__main__":
+    main()
