@@ -172,5 +172,130 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
         raise JewelclfError(f"none of the {len(results)} image(s) could be predicted; see the lines above")
 
 
+# --- visual search (issue #7): jewelclf index / jewelclf similar -------------------------------
+
+
+@main.command("index")
+@click.argument("model", metavar="RUN_DIR_OR_MODEL")
+@click.argument("catalogue", metavar="CATALOGUE_DIR_OR_CSV")
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="Index folder; an index already there is updated incrementally.")
+@click.option("--batch-size", type=int, help="Images per embedding batch (default: the run's).")
+@click.option("--layer", type=click.Choice(["pool", "hidden"]), default="pool", show_default=True,
+              help="Embed the pooled backbone features, or the head's hidden layer.")
+@click.option("--exact-threshold", type=int,
+              help="Search exactly up to this many items, through an HNSW graph above (default 50000).")
+@click.option("--rebuild", is_flag=True, help="Re-embed everything (needed after changing model or layer).")
+@_handle_errors
+def index_command(model, catalogue, output, batch_size, layer, exact_threshold, rebuild):
+    """Embed the photos of CATALOGUE_DIR_OR_CSV (class subfolders, or a CSV path,label[,group|sku])
+    with a trained model and write a search index; a second run embeds only new or changed
+    files and drops the ones that are gone."""
+    from jewelclf.search import build_index
+
+    summary = build_index(model, catalogue, output, batch_size, layer, exact_threshold, rebuild,
+                          log=click.echo)
+    for note in summary.notes:
+        click.echo(f"note: {note}")
+    click.echo(summary.describe())
+
+
+@main.command("similar")
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--k", "k", type=int, default=10, show_default=True, help="Items per query image.")
+@click.option("--same-class", is_flag=True, help="Only items labelled with the query's predicted class.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--html", "html_out", type=click.Path(path_type=Path),
+              help="Also write a page of thumbnails to this .html file.")
+@_handle_errors
+def similar_command(index_dir, images, k, same_class, as_json, html_out):
+    """Find the catalogue items of INDEX_DIR most similar to each IMAGE (cosine similarity)."""
+    import json as json_mod
+
+    from jewelclf.search import format_similar, similar
+
+    report = similar(index_dir, list(images), k, same_class)
+    for e in report.errors:
+        click.echo(f"skipped {e['query']}: {e['error']}", err=True)
+    click.echo(json_mod.dumps(report.to_dict(), indent=2) if as_json else format_similar(report))
+    if html_out:
+        from jewelclf.search_report import write_html
+
+        click.echo(f"wrote {write_html(report, html_out)}", err=as_json)
+
+
+# --- hyperparameter search (issue #3): jewelclf tune ---------------------------------------------
+
+
+@main.command("tune")
+@click.argument("data")
+@click.option("--run-dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the search state, trials.csv, best_config.yaml and the report.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML file of config overrides: the base every trial starts from.")
+@click.option("--tuner", type=click.Choice(["hyperband", "random", "bayesian"]),
+              help="keras-tuner search algorithm (default: hyperband).")
+@click.option("--max-trials", type=int,
+              help="Trials at most (default: 20 for random/bayesian, Hyperband's own schedule).")
+@click.option("--objective", type=click.Choice(["val_accuracy", "val_macro_f1"]),
+              help="What the search maximises, on the validation split (default: val_accuracy).")
+@click.option("--executions-per-trial", type=int, help="Trainings per trial, averaged (default: 1).")
+@click.option("--resume", is_flag=True,
+              help="Continue the search in --run-dir after an interruption; finished trials are kept.")
+@click.option("--space", "space_file", type=click.Path(path_type=Path),
+              help="YAML file of search-space ranges that replace the defaults.")
+@click.option("--fast/--no-fast", default=True, show_default=True,
+              help="Compute the frozen backbone's features once for all trials (when stage 1 has "
+                   "no augmentation).")
+@click.option("--overwrite", is_flag=True, help="Replace a search already in --run-dir.")
+@_handle_errors
+def tune_command(data, run_dir, config_file, space_file, resume, **settings):
+    """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
+    and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`."""
+    from jewelclf.config import resolve
+    from jewelclf.tuning import load_space, tune
+
+    config = resolve(config_file) if config_file or not resume else None
+    space = load_space(space_file) if space_file else None
+    tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
+
+
+# ---------------------------------------------------------------- jewelclf check (issue #6)
+@main.command("check")
+@click.argument("data")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the JSON report to this file.")
+@click.option("--backbone", help="List images smaller than this backbone's default input side.")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="List images smaller than this input side (wins over --backbone's default).")
+@click.option("--near-distance", "near_duplicate_distance", type=click.IntRange(0, 256),
+              help="Largest pHash distance, in bits of 256, between near duplicates (default 12).")
+@click.option("--workers", type=click.IntRange(min=1), help="Files checked in parallel (default 4).")
+@_handle_errors
+def check_command(data, as_json, output, **settings):
+    """Decode every file of DATA and report class counts and imbalance, unreadable files,
+    extensions that lie, byte-identical and near-identical duplicates (within a split and
+    across splits), images smaller than the input, and EXIF-rotated photos.
+
+    Exit status: 0 when nothing was found, 1 when something was, 2 for a usage error or a DATA
+    that cannot be read at all."""
+    import json
+
+    from jewelclf.data.report import (NEAR_DUPLICATE_DISTANCE, check_data, format_check_report,
+                                      save_check_report)
+
+    if settings["near_duplicate_distance"] is None:
+        settings["near_duplicate_distance"] = NEAR_DUPLICATE_DISTANCE
+    report = check_data(data, **settings)
+    if output:
+        save_check_report(report, output)
+    click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_check_report(report))
+    if output and not as_json:
+        click.echo(f"wrote {output}")
+    sys.exit(0 if report["clean"] else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -161,6 +161,13 @@ def _features(extractor: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
     return extractor.predict(ds.map(lambda x, y: x), verbose=_verbose())
 
 
+def frozen_features(model: keras.Model, train_in_order: tf.data.Dataset,
+                    val_ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen backbone's pooled features of the ordered training images and of val."""
+    extractor = feature_extractor(model)
+    return _features(extractor, train_in_order), _features(extractor, val_ds)
+
+
 def one_hot(records: list[Record], class_names: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(class_names)}
     return np.eye(len(class_names), dtype="float32")[[index[r.label] for r in records]]
@@ -171,23 +178,34 @@ def _best_val_loss(history: keras.callbacks.History) -> float:
     return float(min(values)) if values else math.inf
 
 
+def stage1_uses_cached_features(config: Config) -> bool:
+    """Whether stage 1 trains the head on the frozen backbone's features (no stage-1 augmentation)."""
+    cfg = config.train.stage1
+    return cfg.cache_features == "on" or (
+        cfg.cache_features == "auto" and not (config.augment.enabled and config.augment.in_stage1))
+
+
 def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_order,
                  labels: tuple[np.ndarray, np.ndarray], weights: dict | None, run_dir: Path,
-                 log: Log) -> dict[str, Any]:
-    """Train the head with the backbone frozen, on cached features when augmentation is off."""
+                 log: Log, features: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Train the head with the backbone frozen, on cached features when augmentation is off.
+
+    ``features`` are the frozen backbone's features of ``train_in_order`` and ``val_ds`` when
+    they were computed before (see :attr:`Datasets.features`); otherwise they are computed here.
+    """
     cfg = config.train.stage1
     if cfg.epochs == 0:
         return {"epochs": 0}
-    use_cache = cfg.cache_features == "on" or (
-        cfg.cache_features == "auto" and not (config.augment.enabled and config.augment.in_stage1))
+    use_cache = stage1_uses_cached_features(config)
     t0 = time.perf_counter()
     recorder = HistoryRecorder(run_dir / rd.HISTORY, "stage1", 0)
     early = keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, restore_best_weights=True)
     callbacks = [recorder, early]
     if use_cache:
-        extractor = feature_extractor(model)
-        log("stage 1: computing the frozen backbone's features once")
-        x_train, x_val = _features(extractor, train_in_order), _features(extractor, val_ds)
+        if features is None:
+            log("stage 1: computing the frozen backbone's features once")
+            features = frozen_features(model, train_in_order, val_ds)
+        x_train, x_val = features
         y_train, y_val = labels
         t_features = time.perf_counter() - t0
         head = model.get_layer(HEAD)
@@ -280,6 +298,9 @@ class Datasets:
     """One-hot labels of ``train_in_order`` and ``val``."""
     class_weights: dict[int, float] | None
     cache: str
+    features: tuple[np.ndarray, np.ndarray] | None = None
+    """The pristine frozen backbone's pooled features of ``train_in_order`` and ``val``, when
+    computed once beforehand and shared (tuning trials); ``None``: stage 1 computes its own."""
 
 
 def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log = print) -> Datasets:
@@ -308,7 +329,7 @@ def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path
     ``history.csv`` and the best checkpoint into ``work_dir``.
     """
     s1 = train_stage1(model, config, ds.train, ds.val, ds.train_in_order, ds.labels,
-                      ds.class_weights, work_dir, log)
+                      ds.class_weights, work_dir, log, features=ds.features)
     s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
                       s1.get("epochs", 0), log)
     return {"stage1": s1, "stage2": s2}

@@ -7,8 +7,12 @@ Each file is decoded with the very decoder that training and the serving signatu
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import re
+import stat
+import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +27,10 @@ from jewelclf.data.sources import Record
 # jewelclf applies its own pixel limit (data.max_pixels) with a clearer message than PIL's.
 Image.MAX_IMAGE_PIXELS = None
 
+MAX_FILE_BYTES = 256 * 2**20
+"""Files larger than this are refused unread: no product photo is this big, and reading one
+whole would cost that much memory per worker."""
+
 
 @dataclass(frozen=True)
 class FileCheck:
@@ -36,7 +44,51 @@ class FileCheck:
 
 def _first_line(e: BaseException) -> str:
     text = getattr(e, "message", None) or str(e) or type(e).__name__
+    text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)  # PIL names its buffer
     return text.strip().splitlines()[-1][:200]
+
+
+def gif_frame_sizes(data: bytes) -> list[tuple[int, int]]:
+    """``(width, height)`` of every frame of a GIF, read from its image descriptors, undecoded.
+
+    TensorFlow's GIF decoder slurps every frame (whatever ``expand_animations`` says) into a
+    canvas as wide and tall as the largest frame, while PIL's header size is the first frame's:
+    a GIF with a small first frame and huge later ones would pass a header check and then
+    allocate gigabytes.
+    """
+    sizes: list[tuple[int, int]] = []
+    n = len(data)
+    if n < 13:
+        return sizes
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # after the global colour table
+    while pos < n:
+        block = data[pos]
+        if block == 0x2C:  # image descriptor, then an optional local colour table and the LZW size
+            if pos + 10 > n:
+                break
+            sizes.append(struct.unpack_from("<HH", data, pos + 5))
+            flags = data[pos + 9]
+            pos += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        elif block == 0x21:  # extension: introducer and label
+            pos += 2
+        else:  # trailer or junk
+            break
+        while pos < n and data[pos]:  # data sub-blocks, up to the zero-length terminator
+            pos += data[pos] + 1
+        pos += 1
+    return sizes
+
+
+def is_animated_webp(data: bytes) -> bool:
+    """Whether a WebP holds an animation (a VP8X animation flag, or ANIM/ANMF chunks)."""
+    pos = 12
+    while pos + 8 <= len(data):
+        tag = data[pos:pos + 4]
+        if tag in (b"ANIM", b"ANMF") or (tag == b"VP8X" and pos + 8 < len(data) and data[pos + 8] & 0x02):
+            return True
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        pos += 8 + size + (size & 1)
+    return False
 
 
 def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> FileCheck:
@@ -55,6 +107,19 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
                 width, height = im.size
     except Exception as e:
         return FileCheck(record, False, f"corrupt {fmt}: unreadable header ({_first_line(e)})", fmt)
+    if fmt == "WEBP" and is_animated_webp(data):
+        # TensorFlow 2.21 corrupts its heap decoding animated WebP (the process aborts).
+        return FileCheck(record, False, "animated WebP, which TensorFlow cannot decode safely; save "
+                                        "its first frame as a still image", fmt, width, height)
+    if fmt == "GIF":
+        frames = gif_frame_sizes(data)
+        if frames:  # the size TensorFlow decodes to: the largest frame's
+            width, height = max(w for w, _ in frames), max(h for _, h in frames)
+            total = sum(w * h for w, h in frames)
+            if total > max_pixels and len(frames) > 1:
+                return FileCheck(record, False, f"too large: an animated GIF of {len(frames)} frames, "
+                                                f"{total} px in all, is over data.max_pixels={max_pixels}; "
+                                                f"save its first frame as a still image", fmt, width, height)
     if width * height > max_pixels:
         return FileCheck(record, False, f"too large: {width}x{height} px is over data.max_pixels="
                                         f"{max_pixels}; downscale it or raise the limit",
@@ -69,32 +134,84 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
     return FileCheck(record, True, "", fmt, width, height)
 
 
-def check_file(record: Record, max_pixels: int, min_side: int) -> FileCheck:
+def read_file_bytes(record: Record) -> tuple[bytes | None, FileCheck | None]:
+    """The bytes of a file record, or ``(None, failed FileCheck)`` saying why they cannot be had.
+
+    Only regular files are opened: a folder, a FIFO (which would block forever), a device or a
+    symlink loop is refused by its ``stat``, and a file over :data:`MAX_FILE_BYTES` unread.
+    """
     path = record.path
-    if os.path.isdir(path):
-        return FileCheck(record, False, "a folder, not an image file")
+
+    def fail(reason: str):
+        return None, FileCheck(record, False, reason)
+
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from another encoding, kept by os.fsdecode as surrogates
+        return fail("the file name is not valid UTF-8, which TensorFlow cannot open; rename the file")
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        return fail("cannot be read (permission denied); fix its permissions")
+    except FileNotFoundError:
+        return fail("file not found (a broken symlink or a missing manifest entry)")
+    except ValueError:  # an embedded NUL byte
+        return fail("the path contains a NUL byte")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return fail("a symlink loop (the link points back to itself); fix or remove the link")
+        return fail(f"cannot be read: {_first_line(e)}")
+    if stat.S_ISDIR(st.st_mode):
+        return fail("a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        return fail("not a regular file (a FIFO, socket or device); replace it with an image file")
+    if st.st_size > MAX_FILE_BYTES:
+        return fail(f"file too large: {st.st_size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} "
+                    f"MiB limit for one image; is it really an image?")
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
     except PermissionError:
-        return FileCheck(record, False, "cannot be read (permission denied); fix its permissions")
+        return fail("cannot be read (permission denied); fix its permissions")
     except FileNotFoundError:
-        return FileCheck(record, False, "file not found (a broken symlink or a missing manifest entry)")
+        return fail("file not found (a broken symlink or a missing manifest entry)")
     except OSError as e:
-        return FileCheck(record, False, f"cannot be read: {_first_line(e)}")
-    return check_bytes(record, data, max_pixels, min_side)
+        return fail(f"cannot be read: {_first_line(e)}")
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        return fail(f"file too large: over the {MAX_FILE_BYTES // 2**20} MiB limit for one image")
+    return data, None
+
+
+def check_file(record: Record, max_pixels: int, min_side: int, on_bytes=None) -> FileCheck:
+    """Read and check one file. ``on_bytes(record, data, check)``, if given, is called with the
+    bytes that were read and the result, so callers can reuse the one read."""
+    data, failed = read_file_bytes(record)
+    if failed is not None:
+        return failed
+    check = check_bytes(record, data, max_pixels, min_side)
+    if on_bytes is not None:
+        on_bytes(record, data, check)
+    return check
 
 
 def check_records(records: list[Record], max_pixels: int, min_side: int, workers: int = 4,
-                  read_bytes=None) -> list[FileCheck]:
+                  read_bytes=None, on_bytes=None) -> list[FileCheck]:
     """Check each record, in parallel threads; results come back in the records' order.
 
     ``read_bytes`` maps records to their encoded bytes for sources that are not files (TFDS).
+    ``on_bytes(record, data, check)``, if given, is called (in the worker thread) for every
+    record whose bytes could be read; :mod:`jewelclf.data.report` hashes them there.
     """
     if read_bytes is not None:
-        return [check_bytes(r, b, max_pixels, min_side) for r, b in read_bytes(records)]
+        out = []
+        for r, b in read_bytes(records):
+            c = check_bytes(r, b, max_pixels, min_side)
+            if on_bytes is not None:
+                on_bytes(r, b, c)
+            out.append(c)
+        return out
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda r: check_file(r, max_pixels, min_side), records))
+        return list(pool.map(lambda r: check_file(r, max_pixels, min_side, on_bytes), records))
 
 
 def write_rejected(checks: list[FileCheck], path: Path) -> int:

@@ -69,13 +69,24 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name not in ("Thumbs.db", "desktop.ini", "__MACOSX")
 
 
+def _unreadable_folder(e: OSError) -> None:
+    reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or type(e).__name__)
+    raise JewelclfError(f"cannot list folder '{e.filename}' ({reason}); fix its permissions or remove it")
+
+
 def _walk_files(folder: Path) -> list[Path]:
-    """All visible files under ``folder``, following symlinks but never looping."""
+    """All visible files under ``folder``, following symlinks but never looping.
+
+    A folder reached twice, or a link back to a folder that holds ``folder`` (which would pull
+    other classes' images into this one), is not walked again. A folder that cannot be listed
+    is a one-line error rather than silently empty.
+    """
     out: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    top = os.path.realpath(folder)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_unreadable_folder):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or (real != top and os.path.commonpath([real, top]) == real):
             dirnames[:] = []
             continue
         seen.add(real)
@@ -85,7 +96,12 @@ def _walk_files(folder: Path) -> list[Path]:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(folder)
+        _unreadable_folder(e)
 
 
 def _split_dirs(folder: Path) -> dict[str, Path]:
@@ -155,6 +171,11 @@ def from_folder(folder: Path) -> DataSource:
     return DataSource(str(folder), folder, class_names, records, notes=notes)
 
 
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters written as escapes."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def from_csv(path: Path) -> DataSource:
     path = Path(path)
     root = path.parent
@@ -166,14 +187,27 @@ def from_csv(path: Path) -> DataSource:
             if missing:
                 raise JewelclfError(
                     f"CSV manifest '{path}' lacks column(s) {', '.join(missing)}; its header must "
-                    f"name path,label (and optionally group,split), found: {','.join(columns) or 'nothing'}"
+                    f"name path,label (and optionally group,split), found: {_printable(','.join(columns)) or 'nothing'}"
                 )
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            # Fields beyond the header land under the key None (as a list): ignore them.
+            rows = [(reader.line_num,
+                     {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
+                    for row in reader]
     except UnicodeDecodeError:
         raise JewelclfError(f"CSV manifest '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except csv.Error as e:
+        raise JewelclfError(
+            f"CSV manifest '{path}' line {reader.line_num} is not valid CSV ({e}); fix that line"
+        ) from None
     records: list[Record] = []
     seen: dict[str, int] = {}
-    for i, row in enumerate(rows, start=2):
+    root_abs = os.path.abspath(root)
+    for i, row in rows:  # i: the line the row ends on
+        if any(ord(ch) < 32 for v in row.values() for ch in v):
+            raise JewelclfError(
+                f"CSV manifest '{path}' line {i}: a field holds a line break, tab or other control "
+                f"character; fix the line"
+            )
         rel, label = row.get("path", ""), row.get("label", "")
         if not rel or not label:
             raise JewelclfError(f"CSV manifest '{path}' line {i}: empty path or label; fill it or delete the line")
@@ -190,8 +224,15 @@ def from_csv(path: Path) -> DataSource:
                     f"CSV manifest '{path}' line {i}: unknown split '{split}'; use train, val or test"
                 )
             split = _SPLIT_ALIASES[split.lower()]
-        full = (root / rel) if not os.path.isabs(rel) else Path(rel)
-        records.append(Record(str(full.absolute()), rel, label, split, row.get("group") or None))
+        # Paths are relative to the manifest's folder; one that leaves it (../x.jpg, or an absolute
+        # path elsewhere) is refused, so a manifest can only name files under its own folder.
+        full = os.path.normpath(os.path.join(root_abs, rel))
+        if os.path.commonpath([root_abs, full]) != root_abs:
+            raise JewelclfError(
+                f"CSV manifest '{path}' line {i}: path '{rel}' is outside the manifest's folder "
+                f"'{root_abs}'; move the image under that folder and give its path relative to it"
+            )
+        records.append(Record(full, rel, label, split, row.get("group") or None))
     if not records:
         raise JewelclfError(f"CSV manifest '{path}' has no rows; add one row per image")
     splits_given = {r.split for r in records}
@@ -262,6 +303,8 @@ def load_source(spec: str) -> DataSource:
     if spec.startswith("tfds:"):
         return from_tfds(spec)
     path = Path(spec).expanduser()
+    if not path.exists() and path.is_symlink():
+        raise JewelclfError(f"data path '{spec}' is a broken symlink or a symlink loop; point it at a folder or a CSV")
     if not path.exists():
         raise JewelclfError(f"data path '{spec}' does not exist; pass a folder of class subfolders or a CSV manifest")
     if path.is_dir():

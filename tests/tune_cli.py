@@ -1,0 +1,17 @@
+"""The jewelclf CLI with the tests' tiny backbone registered, for subprocess tests.
+
+``python tests/tune_cli.py tune ...`` behaves like ``jewelclf tune ...``, except that the
+``tiny_cnn`` backbone of ``tests/conftest.py`` exists (it is registered when conftest is imported).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import conftest  # noqa: E402,F401  registers tiny_cnn
+
+from jewelclf.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
