@@ -2,7 +2,7 @@
 
 ``savedmodel``
     TensorFlow Serving's layout, ``<output>/<VERSION>/saved_model.pb`` + ``variables/``, built
-    with Keras' :class:`keras.export.ExportArchive`. Two signatures:
+    with Keras' :class:`keras.export.ExportArchive`. Two classifying signatures:
 
     - ``serving_default``: ``images``, a ``[batch]`` string tensor of encoded JPEG/PNG/GIF/BMP/
       WebP bytes. Decoding, resizing and the backbone's preprocessing run inside the graph, with
@@ -15,6 +15,13 @@
     ``[batch, k]``, class names best first), ``scores`` (float32 ``[batch, k]``), ``valid`` (bool
     ``[batch]``) and ``error`` (string ``[batch]``, empty when valid). The class names are a
     constant of the graph, and also sit in ``assets.extra/jewelclf.json`` for local tools.
+
+    A third signature, ``embed``, serves visual search: the same ``images`` input, decoded like
+    ``serving_default``, and ``embedding`` (float32 ``[batch, D]``, L2-normalised), ``valid`` and
+    ``error``. The vector is :func:`jewelclf.embedding.embedding_model` of the run's model, the
+    very function ``jewelclf index`` embeds a catalogue with (layer ``pool`` by default), so a
+    served query vector can be searched against an index of the same model. Invalid items get a
+    zero vector.
 
     A version is written into a hidden temp folder beside the versions, checked in a fresh
     Python process that does not import jewelclf (parity with the Keras model), and only then
@@ -55,9 +62,14 @@ FORMATS = ("savedmodel", "tflite", "keras")
 QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")
 SERVING_DEFAULT = "serving_default"
 SERVING_PIXELS = "serving_pixels"
+SERVING_EMBED = "embed"
 INPUT_IMAGES = "images"
 INPUT_PIXELS = "pixels"
 OUTPUT_KEYS = ("probabilities", "classes", "scores", "valid", "error")
+EMBED_OUTPUT = "embedding"
+EMBED_OUTPUT_KEYS = (EMBED_OUTPUT, "valid", "error")
+DEFAULT_EMBED_LAYER = "pool"
+"""The embedding of the ``embed`` signature: ``jewelclf index``'s default ``--layer``."""
 REPORT = "export_report.json"
 FAILED_REPORT = "export_report.failed.json"
 MODELS_CONFIG = "models.config"
@@ -89,10 +101,17 @@ class RunModel:
     top_k: int
     config: Any  # jewelclf.config.Config
     info: dict[str, Any]
+    embed_layer: str = DEFAULT_EMBED_LAYER
 
     @property
     def k(self) -> int:
         return max(1, min(self.top_k, len(self.class_names)))
+
+    def embedder(self):
+        """The Keras embedding (float32 pixels -> unit vectors) that ``jewelclf index`` uses."""
+        from jewelclf.embedding import embedding_model
+
+        return embedding_model(self.model, self.embed_layer)
 
     def describe(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names), "image_size": self.image_size,
@@ -280,6 +299,16 @@ def keras_probabilities(model, pixels: np.ndarray, batch_size: int = 32) -> np.n
         for i in range(0, len(pixels), batch_size)])
 
 
+def keras_embeddings(embedder, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The Keras embedding's unit vectors on uint8 pixels (cast to float32, as ``index`` does)."""
+    dim = int(embedder.output.shape[-1])
+    if len(pixels) == 0:
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate([
+        np.asarray(embedder(pixels[i:i + batch_size].astype(np.float32), training=False), np.float32)
+        for i in range(0, len(pixels), batch_size)])
+
+
 # --------------------------------------------------------------------------------------------
 # The serving graph
 
@@ -367,12 +396,17 @@ def resize_batch(pixels, size: int, resize: str):
 
 
 def build_archive(run: RunModel):
-    """The ExportArchive with both signatures (not yet written)."""
+    """The ExportArchive with the three signatures (not yet written)."""
     import keras
     import tensorflow as tf
 
     model, size, resize, k = run.model, run.image_size, run.resize, run.k
     names = list(run.class_names)
+    embedder = run.embedder()  # shares model's layers and variables: nothing more to track
+
+    def decode(images):
+        pixels, valid = decode_batch(images, size, resize)
+        return pixels, valid, tf.where(valid, tf.constant(""), _diagnose(images))
 
     def classify(pixels, valid):
         probs = tf.cast(model(tf.cast(pixels, tf.float32), training=False), tf.float32)
@@ -383,10 +417,16 @@ def build_archive(run: RunModel):
         return {"probabilities": probs, "classes": classes, "scores": scores, "valid": valid}
 
     def serve_images(images):
-        pixels, valid = decode_batch(images, size, resize)
+        pixels, valid, error = decode(images)
         out = classify(pixels, valid)
-        out["error"] = tf.where(valid, tf.constant(""), _diagnose(images))
+        out["error"] = error
         return out
+
+    def serve_embed(images):
+        pixels, valid, error = decode(images)
+        vectors = tf.cast(embedder(tf.cast(pixels, tf.float32), training=False), tf.float32)
+        vectors = tf.where(valid[:, None], vectors, tf.zeros_like(vectors))
+        return {EMBED_OUTPUT: vectors, "valid": valid, "error": error}
 
     def serve_pixels(pixels):
         resized = resize_batch(pixels, size, resize)
@@ -401,7 +441,24 @@ def build_archive(run: RunModel):
                          input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_IMAGES)])
     archive.add_endpoint(SERVING_PIXELS, serve_pixels,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_PIXELS)])
+    archive.add_endpoint(SERVING_EMBED, serve_embed,
+                         input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_IMAGES)])
     return archive
+
+
+def embedding_info(run: RunModel) -> dict[str, Any]:
+    """What identifies the ``embed`` vectors: compare with an index's ``meta.json``."""
+    from jewelclf import rundir as rd
+    from jewelclf.embedding import embedding_dim
+
+    info = {"layer": run.embed_layer, "dim": embedding_dim(run.model, run.embed_layer),
+            "metric": "cosine (dot product of unit vectors)"}
+    model_file = Path(run.run_dir) / rd.MODEL
+    if model_file.is_file():  # the index records the same (meta.json "model" "sha256")
+        from jewelclf.search import model_fingerprint
+
+        info["model_sha256"] = model_fingerprint(model_file)["sha256"]
+    return info
 
 
 def write_savedmodel(run: RunModel, path: Path) -> None:
@@ -413,8 +470,11 @@ def write_savedmodel(run: RunModel, path: Path) -> None:
         "format": "savedmodel", **run.describe(),
         "signatures": {
             SERVING_DEFAULT: f"{INPUT_IMAGES}: string [batch] of encoded JPEG/PNG/GIF/BMP/WebP bytes",
-            SERVING_PIXELS: f"{INPUT_PIXELS}: uint8 [batch, height, width, 3] RGB, any size"},
-        "outputs": list(OUTPUT_KEYS)}, indent=2) + "\n", encoding="utf-8")
+            SERVING_PIXELS: f"{INPUT_PIXELS}: uint8 [batch, height, width, 3] RGB, any size",
+            SERVING_EMBED: f"{INPUT_IMAGES}: string [batch] of encoded JPEG/PNG/GIF/BMP/WebP bytes"},
+        "outputs": list(OUTPUT_KEYS),
+        "embed_outputs": list(EMBED_OUTPUT_KEYS),
+        "embedding": embedding_info(run)}, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +515,8 @@ PARITY_SCRIPT = textwrap.dedent(r'''
     pixels = loaded.signatures["serving_pixels"]
     result["serving_pixels"] = [plain(pixels(pixels=tf.constant(arrays[f"pixels_{i}"][None])))
                                 for i in range(n)]
+    if "embed" in loaded.signatures:
+        result["embed"] = plain(loaded.signatures["embed"](images=tf.constant(encoded)))
     result["jewelclf_imported"] = any(m == "jewelclf" or m.startswith("jewelclf.") for m in sys.modules)
     print("PARITY-JSON " + json.dumps(result))
 ''')
@@ -462,7 +524,7 @@ PARITY_SCRIPT = textwrap.dedent(r'''
 
 def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: Path,
                          timeout: float = 600) -> dict[str, Any]:
-    """Run both signatures of ``saved_model`` on ``images`` in a new Python process.
+    """Run the signatures of ``saved_model`` on ``images`` in a new Python process.
 
     The child imports only TensorFlow and NumPy; the decoded full-size pixels for
     ``serving_pixels`` are prepared here with jewelclf's decoder and handed over in an ``.npz``.
@@ -526,6 +588,9 @@ def compare_parity(run: RunModel, images: list[LabelledImage], child: dict[str, 
             problems.append(f"{name}: probabilities differ by up to {diff:.2e} (> {tolerance:g})")
         if not (names_ok and scores_ok and valid_ok):
             problems.append(f"{name}: classes/scores/valid outputs disagree with the probabilities")
+    embed = compare_embed_parity(run, images, child.get(SERVING_EMBED), tolerance)
+    results[SERVING_EMBED] = embed
+    problems += embed.pop("problems")
     if child.get("jewelclf_imported"):
         problems.append("the fresh process imported jewelclf, so it did not test a standalone load")
     return {"passed": not problems, "problems": problems, "tolerance": tolerance,
@@ -535,14 +600,57 @@ def compare_parity(run: RunModel, images: list[LabelledImage], child: dict[str, 
             "signatures": results}
 
 
-def check_signature_contract(signatures: dict[str, Any], n_classes: int, k: int) -> list[str]:
+def compare_embed_parity(run: RunModel, images: list[LabelledImage], out: dict[str, Any] | None,
+                         tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """The ``embed`` signature's vectors against the Keras embedding ``jewelclf index`` uses:
+    largest absolute difference, smallest cosine, unit norms, all rows valid. The entry's
+    ``problems`` list is for the caller to take out."""
+    embedder = run.embedder()
+    dim = int(embedder.output.shape[-1])
+    entry: dict[str, Any] = {"layer": run.embed_layer, "dim": dim, "images": len(images)}
+    if out is None:
+        entry["problems"] = [f"{SERVING_EMBED}: the fresh process got no output from it (signature missing?)"]
+        return entry
+    ref = keras_embeddings(embedder, keras_pixels([im.data for im in images], run.image_size, run.resize))
+    got = np.asarray(out[EMBED_OUTPUT], np.float32)
+    problems: list[str] = []
+    if got.shape != ref.shape:
+        entry["problems"] = [f"{SERVING_EMBED}: embedding has shape {list(got.shape)}, expected "
+                             f"{list(ref.shape)}"]
+        return entry
+    diff = float(np.abs(got - ref).max()) if got.size else 0.0
+    cosine = (got * ref).sum(axis=1) / np.maximum(
+        np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+    min_cos = float(cosine.min()) if len(cosine) else 1.0
+    norm_err = float(np.abs(np.linalg.norm(got, axis=1) - 1.0).max()) if len(got) else 0.0
+    valid_ok = all(bool(v) for v in out["valid"])
+    entry.update({"max_abs_diff": diff, "min_cosine": min_cos, "max_norm_error": norm_err,
+                  "all_valid": valid_ok})
+    if not diff <= tolerance:
+        problems.append(f"{SERVING_EMBED}: embeddings differ from the Keras embedding by up to "
+                        f"{diff:.2e} (> {tolerance:g})")
+    if not 1.0 - min_cos <= tolerance:
+        problems.append(f"{SERVING_EMBED}: cosine with the Keras embedding down to {min_cos:.6f} "
+                        f"(< 1 - {tolerance:g})")
+    if not (norm_err <= tolerance and valid_ok):
+        problems.append(f"{SERVING_EMBED}: vectors are not all valid unit vectors")
+    entry["problems"] = problems
+    return entry
+
+
+def check_signature_contract(signatures: dict[str, Any], n_classes: int, k: int,
+                             embed_dim: int | None = None) -> list[str]:
     """Problems with the listed signatures, as a client of the documented contract sees them."""
     want_outputs = {"probabilities": ("float32", [None, n_classes]), "classes": ("string", [None, k]),
                     "scores": ("float32", [None, k]), "valid": ("bool", [None]), "error": ("string", [None])}
-    want = {SERVING_DEFAULT: {INPUT_IMAGES: ("string", [None])},
-            SERVING_PIXELS: {INPUT_PIXELS: ("uint8", [None, None, None, 3])}}
+    want = {SERVING_DEFAULT: ({INPUT_IMAGES: ("string", [None])}, want_outputs),
+            SERVING_PIXELS: ({INPUT_PIXELS: ("uint8", [None, None, None, 3])}, want_outputs)}
+    if embed_dim is not None:
+        want[SERVING_EMBED] = ({INPUT_IMAGES: ("string", [None])},
+                               {EMBED_OUTPUT: ("float32", [None, embed_dim]), "valid": ("bool", [None]),
+                                "error": ("string", [None])})
     problems = []
-    for name, inputs in want.items():
+    for name, (inputs, outputs) in want.items():
         sig = signatures.get(name)
         if sig is None:
             problems.append(f"signature {name} is missing")
@@ -551,8 +659,8 @@ def check_signature_contract(signatures: dict[str, Any], n_classes: int, k: int)
         if got_in != {k_: (d, s) for k_, (d, s) in inputs.items()}:
             problems.append(f"{name} inputs are {got_in}, expected {inputs}")
         got_out = {k_: (v["dtype"], v["shape"]) for k_, v in sig["outputs"].items()}
-        if got_out != want_outputs:
-            problems.append(f"{name} outputs are {got_out}, expected {want_outputs}")
+        if got_out != outputs:
+            problems.append(f"{name} outputs are {got_out}, expected {outputs}")
     return problems
 
 
@@ -716,16 +824,21 @@ def _write_if_absent(path: Path, text: str, log: Log) -> None:
 
 def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | None = None,
                       test_data: str | None = None, parity_data: str | None = None,
-                      log: Log = print) -> dict[str, Any]:
+                      log: Log = print, embed_layer: str = DEFAULT_EMBED_LAYER) -> dict[str, Any]:
     """Export ``run_dir`` as version ``version`` (default: the next) under ``output``.
 
-    Returns the export report, also written as ``<output>/<version>/export_report.json``.
+    ``embed_layer`` is the embedding of the ``embed`` signature (``pool`` or ``hidden``, as
+    ``jewelclf index --layer``). Returns the export report, also written as
+    ``<output>/<version>/export_report.json``.
     """
     from jewelclf import rundir as rd
+    from jewelclf.embedding import embedding_dim
 
     require_tensorflow_backend()
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    run.embed_layer = embed_layer
+    embed_dim = embedding_dim(run.model, embed_layer)  # a one-line error for an absent layer
     base = Path(output) if output is not None else default_output(run_dir, "savedmodel")
     if base.exists() and not base.is_dir():
         raise JewelclfError(f"--output '{base}' is a file; pass a folder (the model's base path)")
@@ -753,7 +866,7 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
         with tempfile.TemporaryDirectory(prefix="jewelclf-parity-") as work:
             child = run_in_fresh_process(tmp.resolve(), images, Path(work))
         parity = compare_parity(run, images, child)
-        contract = check_signature_contract(child["signatures"], len(run.class_names), run.k)
+        contract = check_signature_contract(child["signatures"], len(run.class_names), run.k, embed_dim)
         if contract:
             parity["passed"] = False
             parity["problems"] += contract
@@ -761,6 +874,7 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
             "format": "savedmodel", "model_name": base.resolve().name, "version": version,
             "path": str(final.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **run.describe(), "signatures": child["signatures"], "parity": parity,
+            "embedding": embedding_info(run),
             "environment": rd.environment()}
         if parity["passed"] and test_data:
             report["test_accuracy"] = compare_accuracy(
@@ -781,11 +895,20 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
         if final.exists():
             raise JewelclfError(f"'{final}' appeared while exporting (another export?); run again")
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not rd.is_disk_full(e):
+            raise
+        # TensorFlow says ResourceExhaustedError "...; No space left on device [Op:SaveV2]", in
+        # several lines: one line instead, naming the folder TF Serving polls and the fix.
+        kept = ("nothing was written" if not existing else f"version {existing[0]} is unchanged"
+                if len(existing) == 1 else f"versions {', '.join(map(str, existing))} are unchanged")
+        raise rd.DiskFullError(
+            f"no space left on device while writing SavedModel version {version} into '{base}' "
+            f"({rd.free_space(base)} free on that disk); the half-written copy was removed and "
+            f"{kept}; free disk space, then run the command again") from None
     (base / FAILED_REPORT).unlink(missing_ok=True)
-    log(f"wrote {final} (SavedModel, signatures {SERVING_DEFAULT} and {SERVING_PIXELS})")
+    log(f"wrote {final} (SavedModel, signatures {SERVING_DEFAULT}, {SERVING_PIXELS} and {SERVING_EMBED})")
     _write_if_absent(base / MODELS_CONFIG, models_config_text(base.resolve().name), log)
     _write_if_absent(base / BATCHING_PARAMETERS, batching_parameters_text(), log)
     return report
@@ -971,8 +1094,11 @@ def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | N
 
 def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = None,
                version: int | None = None, quantize: Iterable[str] = (), test_data: str | None = None,
-               parity_data: str | None = None, overwrite: bool = False, log: Log = print) -> dict[str, Any]:
-    """Export ``run_dir`` in ``fmt``; the one entry point of ``jewelclf export``."""
+               parity_data: str | None = None, overwrite: bool = False, log: Log = print,
+               embed_layer: str = DEFAULT_EMBED_LAYER) -> dict[str, Any]:
+    """Export ``run_dir`` in ``fmt``; the one entry point of ``jewelclf export``.
+
+    ``embed_layer`` (SavedModel only) picks the embedding of the ``embed`` signature."""
     quantize = list(quantize)
     if fmt not in FORMATS:
         raise JewelclfError(f"unknown --format '{fmt}'; one of {', '.join(FORMATS)}")
@@ -984,7 +1110,7 @@ def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = Non
         if overwrite:
             raise JewelclfError("SavedModel versions are never overwritten; omit --overwrite "
                                 "(the next version number is used)")
-        return export_savedmodel(run_dir, output, version, test_data, parity_data, log)
+        return export_savedmodel(run_dir, output, version, test_data, parity_data, log, embed_layer)
     if fmt == "tflite":
         return export_tflite(run_dir, output, quantize or ["none"], test_data, parity_data, overwrite, log)
     if test_data:
@@ -999,6 +1125,12 @@ def format_export_summary(report: dict[str, Any]) -> str:
         p = report["parity"]
         lines.append(f"exported {report['path']} (model '{report['model_name']}', version {report['version']})")
         for name, s in p["signatures"].items():
+            if name == SERVING_EMBED:
+                if "max_abs_diff" in s:
+                    lines.append(f"  {name}: {s['dim']}-d '{s['layer']}' vectors, max |diff| with the "
+                                 f"Keras embedding {s['max_abs_diff']:.2e}, min cosine "
+                                 f"{s['min_cosine']:.6f} on {s['images']} images (fresh process)")
+                continue
             lines.append(f"  {name}: top-1 agrees with Keras on {s['top1_agree']}/{s['images']} images, "
                          f"max |diff| {s['max_abs_diff']:.2e} (fresh process, tolerance {p['tolerance']:g})")
         acc = report.get("test_accuracy")

@@ -1,5 +1,6 @@
-"""``jewelclf export --format savedmodel``: TF Serving's layout, the two signatures, robustness to
-bad images, the fresh-process parity check, and what ``saved_model_cli`` lists."""
+"""``jewelclf export --format savedmodel``: TF Serving's layout, the three signatures (two that
+classify, ``embed`` for visual search), robustness to bad images, the fresh-process parity check,
+and what ``saved_model_cli`` lists."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def keras_reference(run, encoded: list[bytes]) -> np.ndarray:
     return np.asarray(run.model(pixels.astype(np.float32), training=False))
 
 
+def keras_embedding(run, encoded: list[bytes]) -> np.ndarray:
+    """``jewelclf index``'s embedding (``embedding_model``, layer pool) of the decoded bytes."""
+    from jewelclf.embedding import embedding_model
+
+    pixels = np.stack([load_image(tf.constant(b), run.image_size, run.resize).numpy() for b in encoded])
+    return np.asarray(embedding_model(run.model, "pool")(pixels.astype(np.float32), training=False))
+
+
 def tree_digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
@@ -75,6 +84,14 @@ def test_layout_report_and_server_files(exported, run):
         sig = parity["signatures"][name]
         assert sig["top1_agree"] == sig["images"] == ex.PARITY_IMAGES
         assert sig["max_abs_diff"] <= 1e-4
+    embed = parity["signatures"][ex.SERVING_EMBED]  # checked in the same fresh process
+    assert embed["images"] == ex.PARITY_IMAGES and embed["layer"] == "pool" and embed["dim"] == 16
+    assert embed["max_abs_diff"] <= 1e-4 and embed["min_cosine"] >= 1 - 1e-4
+    assert embed["max_norm_error"] <= 1e-4 and embed["all_valid"]
+    assert set(report["signatures"]) == {"serving_default", "serving_pixels", "embed"}
+    model_sha = hashlib.sha256((run.run_dir / "model.keras").read_bytes()).hexdigest()
+    assert report["embedding"] == {"layer": "pool", "dim": 16, "model_sha256": model_sha,
+                                   "metric": "cosine (dot product of unit vectors)"}
     acc = report["test_accuracy"]
     assert acc["num_examples"] == 12
     assert acc["savedmodel_accuracy"] == acc["keras_accuracy"]
@@ -82,6 +99,7 @@ def test_layout_report_and_server_files(exported, run):
 
     info = json.loads((version / "assets.extra" / ex.INFO).read_text())
     assert info["class_names"] == run.class_names and info["image_size"] == 32
+    assert info["embedding"] == report["embedding"] and "embed" in info["signatures"]
 
     config = (exported / ex.MODELS_CONFIG).read_text()
     batching = (exported / ex.BATCHING_PARAMETERS).read_text()
@@ -144,6 +162,7 @@ def test_next_version_and_refusal_to_overwrite(exported, tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     assert ex.list_versions(base) == [1, 2]
     assert "version 2" in r.output and "top-1 agrees with Keras on 8/8" in r.output
+    assert "embed: 16-d 'pool' vectors, max |diff| with the Keras embedding" in r.output
     assert json.loads((base / "2" / ex.REPORT).read_text())["version"] == 2
 
     for v in ("1", "2"):
@@ -246,8 +265,25 @@ def test_compare_parity_catches_top1_and_name_mismatches(run):
         full = outputs(p)
         return [{key: [full[key][i]] for key in full} for i in range(len(p))]
 
-    good = {"serving_default": outputs(probs), "serving_pixels": pixels_rows(probs), "jewelclf_imported": False}
-    assert ex.compare_parity(run, images, good)["passed"]
+    vectors = keras_embedding(run, [im.data for im in images])
+    embed = {"embedding": vectors.tolist(), "valid": [True] * 3, "error": [""] * 3}
+    good = {"serving_default": outputs(probs), "serving_pixels": pixels_rows(probs), "embed": embed,
+            "jewelclf_imported": False}
+    passed = ex.compare_parity(run, images, good)
+    assert passed["passed"], passed["problems"]
+    assert passed["signatures"]["embed"]["max_abs_diff"] <= 1e-6
+
+    # embed: a vector off by more than the tolerance, a missing signature, an invalid row
+    off = vectors.copy()
+    off[2] = np.roll(off[2], 1)
+    result = ex.compare_parity(run, images, {**good, "embed": {**embed, "embedding": off.tolist()}})
+    assert not result["passed"]
+    assert any(p.startswith("embed: embeddings differ from the Keras embedding") for p in result["problems"])
+    assert any(p.startswith("embed: cosine with the Keras embedding") for p in result["problems"])
+    result = ex.compare_parity(run, images, {k_: v for k_, v in good.items() if k_ != "embed"})
+    assert not result["passed"] and any("embed: the fresh process got no output" in p for p in result["problems"])
+    result = ex.compare_parity(run, images, {**good, "embed": {**embed, "valid": [True, False, True]}})
+    assert result["problems"] == ["embed: vectors are not all valid unit vectors"]
 
     rolled = probs.copy()
     rolled[1] = np.roll(probs[1], 1)  # same values, another top-1
@@ -328,6 +364,64 @@ def test_corrupt_images_do_not_fail_the_batch(loaded, run):
     assert empty["probabilities"].shape == (0, 3) and empty["classes"].shape == (0, 3)
 
 
+# ---------------------------------------------------------------------------- embed
+
+
+def test_embed_matches_the_keras_embedding_and_the_index(loaded, run, tmp_path):
+    """``embed`` on bytes of several formats and odd sizes equals ``embedding_model`` on the
+    same decoded pixels, and the vectors ``jewelclf index`` stores for the same files, so a
+    served query vector finds its own photo in an index of the same model."""
+    from jewelclf.search import build_index, load_index
+
+    arrays = [noisy((17, 91, 3), 11, (200, 40, 40)), noisy((33, 33, 3), 12, (40, 200, 40)),
+              noisy((250, 9, 3), 13, (40, 40, 200)), noisy((64, 48, 3), 14)]
+    encoded = [encode(arrays[0], "JPEG", quality=90), encode(arrays[1], "PNG"),
+               encode(arrays[2], "GIF"), encode(arrays[3], "BMP")]
+    out = loaded.signatures["embed"](images=tf.constant(encoded))
+    assert set(out) == {"embedding", "valid", "error"}
+    vectors = out["embedding"].numpy()
+    assert vectors.shape == (4, 16) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, keras_embedding(run, encoded), atol=1e-5, rtol=0)
+    assert out["valid"].numpy().all() and [e.decode() for e in out["error"].numpy()] == [""] * 4
+
+    catalogue = tmp_path / "catalogue"
+    for i, (label, data) in enumerate(zip(["ring", "watch", "necklace", "ring"], encoded)):
+        (catalogue / label).mkdir(parents=True, exist_ok=True)
+        (catalogue / label / f"item{i}.img").write_bytes(data)
+    build_index(run.run_dir, str(catalogue), tmp_path / "index", log=lambda _: None)
+    index = load_index(tmp_path / "index")
+    by_key = {index.item(row).key: np.asarray(index.vectors[row]) for row in range(len(index))}
+    stored = np.stack([by_key[f"{label}/item{i}.img"]
+                       for i, label in enumerate(["ring", "watch", "necklace", "ring"])])
+    np.testing.assert_allclose(vectors, stored, atol=1e-5, rtol=0)
+    for i, hits in enumerate(index.search(vectors, k=1)):
+        assert index.item(hits[0].row).key.endswith(f"item{i}.img") and hits[0].similarity > 1 - 1e-5
+
+
+def test_embed_flags_invalid_images_and_answers_the_others(loaded, run):
+    good_jpeg = encode(noisy((40, 48, 3), 21, (200, 40, 40)), "JPEG")
+    good_png = encode(noisy((21, 60, 3), 22, (40, 200, 40)), "PNG")
+    batch = [good_jpeg, good_jpeg[: len(good_jpeg) // 2], b"hello, not an image", b"", good_png]
+    out = loaded.signatures["embed"](images=tf.constant(batch))
+    valid = out["valid"].numpy()
+    assert valid.tolist() == [True, False, False, False, True]
+    errors = [e.decode() for e in out["error"].numpy()]
+    assert errors[0] == errors[4] == ""
+    assert "truncated JPEG" in errors[1] and errors[2].startswith("not a supported image")
+    assert errors[3].startswith("empty input")
+    # the same reasons as serving_default gives for the same batch
+    assert errors == [e.decode() for e in loaded.signatures["serving_default"](images=tf.constant(batch))["error"].numpy()]
+    vectors = out["embedding"].numpy()
+    assert vectors.shape == (5, 16) and not vectors[~valid].any()
+    np.testing.assert_allclose(vectors[[0, 4]], keras_embedding(run, [good_jpeg, good_png]), atol=1e-5)
+
+    all_bad = loaded.signatures["embed"](images=tf.constant([b"x", b""]))
+    assert not all_bad["valid"].numpy().any() and not all_bad["embedding"].numpy().any()
+    empty = loaded.signatures["embed"](images=tf.constant([], tf.string))
+    assert empty["embedding"].shape == (0, 16)
+
+
 # ---------------------------------------------------------------------------- saved_model_cli
 
 
@@ -353,7 +447,7 @@ def _parse_listing(text: str) -> dict[str, dict]:
     return sigs
 
 
-def test_saved_model_cli_lists_both_signatures(exported):
+def test_saved_model_cli_lists_the_three_signatures(exported):
     proc = subprocess.run([*_saved_model_cli(), "show", "--dir", str(exported / "1"), "--all"],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -365,7 +459,11 @@ def test_saved_model_cli_lists_both_signatures(exported):
     assert sigs["serving_default"]["outputs"] == outputs
     assert sigs["serving_pixels"]["inputs"] == {"pixels": ("DT_UINT8", "(-1, -1, -1, 3)")}
     assert sigs["serving_pixels"]["outputs"] == outputs
-    assert sigs["serving_default"]["method"] == sigs["serving_pixels"]["method"] == "tensorflow/serving/predict"
+    assert sigs["embed"]["inputs"] == {"images": ("DT_STRING", "(-1)")}
+    assert sigs["embed"]["outputs"] == {"embedding": ("DT_FLOAT", "(-1, 16)"), "valid": ("DT_BOOL", "(-1)"),
+                                        "error": ("DT_STRING", "(-1)")}
+    assert {sigs[name]["method"] for name in ("serving_default", "serving_pixels", "embed")} == {
+        "tensorflow/serving/predict"}
 
 
 # ---------------------------------------------------------------------------- CLI errors
@@ -388,6 +486,27 @@ def test_export_cli_errors(tiny_run, tmp_path):
     assert not (tmp_path / "o").exists() or ex.list_versions(tmp_path / "o") == []
 
 
+def test_embed_layer_hidden_is_refused_for_a_model_without_one(tiny_run, tmp_path):
+    from jewelclf.errors import JewelclfError
+
+    with pytest.raises(JewelclfError, match="no hidden head layer"):
+        ex.export_run(tiny_run, "savedmodel", output=tmp_path / "m", embed_layer="hidden",
+                      log=lambda _: None)
+    assert not (tmp_path / "m").exists()
+
+
 def test_default_output_is_exported_models_run_name(tmp_path):
     assert ex.default_output(tmp_path / "runs" / "vgg16", "savedmodel") == Path("exported_models/vgg16")
     assert ex.default_output(tmp_path / "runs" / "vgg16", "tflite") == Path("exported_models/vgg16_tflite")
+
+
+def test_embed_layer_hidden_without_a_hidden_layer_is_one_line(tiny_run, tmp_path):
+    """``--embed-layer hidden`` on a run trained with head_units 0: a one-line error, no version."""
+    out = tmp_path / "models" / "tiny"
+    r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(out), "--embed-layer", "hidden"])
+    assert r.exit_code != 0
+    assert r.output.strip().count("\n") == 0 and "head_units" in r.output, r.output
+    assert not out.exists() or ex.list_versions(out) == []
+    r = CliRunner().invoke(main, ["export", str(tiny_run), "--format", "keras", "--output",
+                                  str(tmp_path / "k"), "--embed-layer", "hidden"])
+    assert r.exit_code != 0 and "--embed-layer applies to --format savedmodel only" in r.output

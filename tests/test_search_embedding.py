@@ -77,23 +77,18 @@ def test_hidden_layer_embedding_and_its_absence(tiny_model):
     np.testing.assert_allclose(out, ref / norms, atol=1e-5)
 
 
-def test_embed_signature_bytes_in_matches_the_keras_embedding(tiny_run, tiny_model, tmp_path):
-    """What export's ``embed`` signature will do: bytes -> load_image -> embedding_model."""
+def test_embed_signature_bytes_in_matches_the_keras_embedding(tiny_run, tiny_model, tmp_path,
+                                                             tmp_path_factory):
+    """The exported SavedModel's ``embed`` signature (the session's one export of ``tiny_run``):
+    bytes in, the same unit vectors as ``embed_records``, which ``jewelclf index`` stores."""
+    from export_helpers import exported_tiny
+
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import load_source
     from jewelclf.search import embed_records
 
     emb = embedding_model(tiny_model)
-    archive = keras.export.ExportArchive()
-    archive.track(emb)
-
-    def embed(images):
-        pixels = tf.map_fn(lambda b: load_image(b, 32, "squash"), images,
-                           fn_output_signature=tf.TensorSpec([32, 32, 3], tf.uint8))
-        return {"embedding": emb(tf.cast(pixels, tf.float32), training=False)}
-
-    archive.add_endpoint("embed", embed, input_signature=[tf.TensorSpec([None], tf.string)])
-    archive.write_out(str(tmp_path / "sm"), verbose=False)
+    exported = exported_tiny(tiny_run, tmp_path_factory)
 
     catalogue = tmp_path / "cat"
     for i, (label, fmt) in enumerate([("ring", "JPEG"), ("watch", "PNG"), ("necklace", "JPEG")]):
@@ -101,9 +96,9 @@ def test_embed_signature_bytes_in_matches_the_keras_embedding(tiny_run, tiny_mod
     source = load_source(str(catalogue))
     keras_vectors = embed_records(emb, source, source.records, Config().data, 32, 2, log=lambda _: None)
 
-    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(exported / "1"))
     encoded = tf.constant([open(r.path, "rb").read() for r in source.records])
-    served = loaded.embed(encoded)["embedding"].numpy()
+    served = loaded.signatures["embed"](images=encoded)["embedding"].numpy()
     assert served.shape == keras_vectors.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(served, keras_vectors, atol=1e-5)
