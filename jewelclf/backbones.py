@@ -33,17 +33,22 @@ class BackboneSpec:
     """Regex whose first group names the block a layer belongs to (by layer name)."""
     constructor_kwargs: dict = field(default_factory=dict)
 
+    def check_image_size(self, image_size: int) -> None:
+        """A one-line error for an input side this backbone cannot take: raised when the model
+        is built, and meant for callers to check before any data is read."""
+        if image_size < self.min_image_size:
+            raise JewelclfError(
+                f"image size {image_size} is below {self.name}'s minimum of {self.min_image_size}; "
+                f"pass --image-size {self.min_image_size} or more (default {self.default_image_size})"
+            )
+
     def build(self, image_size: int, weights: str) -> keras.Model:
         """Build the base without its top, named ``backbone``, loading ``weights``.
 
         ``weights`` is ``imagenet`` (downloaded and cached by Keras), ``none``, or a path to a
         weights file of this backbone without its top.
         """
-        if image_size < self.min_image_size:
-            raise JewelclfError(
-                f"image size {image_size} is below {self.name}'s minimum of {self.min_image_size}; "
-                f"pass --image-size {self.min_image_size} or more (default {self.default_image_size})"
-            )
+        self.check_image_size(image_size)
         kwargs = dict(self.constructor_kwargs)
         weights_path = None
         if weights.lower() == "none":

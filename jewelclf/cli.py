@@ -28,6 +28,13 @@ def _handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("\ninterrupted.", err=True)
             sys.exit(130)
+        except Exception as e:  # a full disk anywhere is still a user's problem: one line
+            from jewelclf import rundir
+
+            if not rundir.is_disk_full(e):
+                raise
+            click.echo(f"error: {rundir.disk_full_message(e)}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -50,12 +57,23 @@ def _overrides(**flags) -> dict:
         "fine_tune_learning_rate": "train.stage2.learning_rate", "seed": "train.seed",
         "class_weight": "train.class_weight", "augment": "augment.enabled",
         "deterministic": "train.deterministic", "allow_leakage": "data.allow_leakage",
+        "precision": "train.precision", "jit_compile": "train.jit_compile",
+        "distribute": "train.distribute",
     }
     out: dict = {}
     for flag, value in flags.items():
         if value is not None:
             set_dotted(out, mapping[flag], value)
     return out
+
+
+_PRECISION = click.option(
+    "--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+    help="Compute dtype: auto (default) is mixed_float16 on a GPU, float32 on a CPU; the softmax "
+         "stays float32.")
+_JIT_COMPILE = click.option(
+    "--jit-compile", type=click.Choice(["auto", "on", "off"]),
+    help="XLA compilation of the training step; auto (default) is Keras' choice.")
 
 
 @main.command()
@@ -85,6 +103,11 @@ def _overrides(**flags) -> dict:
 @click.option("--allow-leakage", is_flag=True, default=None,
               help="Train even when a byte-identical image sits in two splits (it inflates the "
                    "test scores).")
+@_PRECISION
+@_JIT_COMPILE
+@click.option("--distribute", type=click.Choice(["none", "mirrored", "multi_worker"]),
+              help="none (default); mirrored: all local GPUs; multi_worker: the machines of "
+                   "TF_CONFIG. --batch-size is per replica.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run in --run-dir from its last epoch, with its saved "
@@ -151,15 +174,21 @@ def evaluate(run_dir, data, output, split):
 @click.option("--test-data", help="A labelled folder or manifest: report the export's accuracy on it "
                                   "next to the Keras model's (its test split if it has one).")
 @click.option("--parity-data", help="Labelled images for the parity check, if the run's data moved.")
+@click.option("--embed-layer", type=click.Choice(["pool", "hidden"]), default="pool",
+              show_default=True,
+              help="savedmodel: the embedding the 'embed' signature serves; use the --layer your "
+                   "`jewelclf index` was built with.")
 @click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
 @_handle_errors
-def export(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite):
+def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer, overwrite):
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
     from jewelclf.export import export_run, format_export_summary
 
+    if embed_layer != "pool" and fmt != "savedmodel":
+        raise JewelclfError("--embed-layer applies to --format savedmodel only")
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
-                        log=click.echo)
+                        log=click.echo, embed_layer=embed_layer)
     click.echo(format_export_summary(report))
 
 
@@ -269,17 +298,36 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out):
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Compute the frozen backbone's features once for all trials (when stage 1 has "
                    "no augmentation).")
+@_PRECISION
+@_JIT_COMPILE
 @click.option("--overwrite", is_flag=True, help="Replace a search already in --run-dir.")
 @_handle_errors
-def tune_command(data, run_dir, config_file, space_file, resume, **settings):
+def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_compile, **settings):
     """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
     and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`."""
     from jewelclf.config import resolve
+    from jewelclf.training import precision_policy
     from jewelclf.tuning import load_space, tune
 
-    config = resolve(config_file) if config_file or not resume else None
+    overrides = _overrides(precision=precision, jit_compile=jit_compile)
+    if resume and overrides:
+        given = [f for f, v in (("--precision", precision), ("--jit-compile", jit_compile)) if v]
+        raise JewelclfError(f"--resume continues the search with its saved config; drop "
+                            f"{', '.join(given)}, or start a new search in another --run-dir")
+    config = resolve(config_file, overrides) if config_file or not resume else None
     space = load_space(space_file) if space_file else None
-    tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
+    # The config the trials train with: the given one, or the saved one of a resumed search.
+    saved = Path(run_dir) / "config.yaml"
+    base = config if config is not None else (resolve(saved) if saved.is_file() else resolve())
+    if base.train.distribute != "none":
+        raise JewelclfError(f"jewelclf tune trains each trial in one process, so "
+                            f"train.distribute must be none (got {base.train.distribute}); to "
+                            f"run trials on several machines use keras-tuner's distributed mode "
+                            f"(KERASTUNER_* variables)")
+    with precision_policy(base.train.precision) as resolved:
+        click.echo(f"precision {resolved}{' (auto)' if base.train.precision == 'auto' else ''}, "
+                   f"jit_compile {base.train.jit_compile}")
+        tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
 
 
 # ---------------------------------------------------------------- jewelclf check (issue #6)

@@ -7,6 +7,7 @@ command-line flags override the YAML. Every run saves the resolved tree as ``con
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,16 @@ class TrainConfig:
     """``auto`` (balanced when classes differ by more than 1.5:1), ``balanced`` or ``none``."""
     label_smoothing: float = 0.0
     top_k: int = 3
+    precision: str = "auto"
+    """``float32``, ``mixed_float16``, ``mixed_bfloat16``, or ``auto`` (mixed_float16 when a GPU
+    is visible, float32 on a CPU). The softmax always computes in float32."""
+    jit_compile: str = "auto"
+    """XLA compilation of the training step: ``on``, ``off``, or ``auto`` (Keras' default: on a
+    GPU when every layer supports it and no tf.distribute strategy is used)."""
+    distribute: str = "none"
+    """``none``, ``mirrored`` (all local GPUs) or ``multi_worker`` (machines listed in
+    ``TF_CONFIG``). ``data.batch_size`` is per replica; the global batch is that times the
+    number of replicas."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
@@ -140,6 +151,9 @@ _CHOICES = {
     "data.cache": ("auto", "memory", "disk", "none"),
     "train.class_weight": ("auto", "balanced", "none"),
     "train.stage1.cache_features": ("auto", "on", "off"),
+    "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.jit_compile": ("auto", "on", "off"),
+    "train.distribute": ("none", "mirrored", "multi_worker"),
 }
 
 
@@ -165,6 +179,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         if value is None:
             return "none"
+        if isinstance(value, bool) and {"on", "off"} <= set(_CHOICES.get(key, ())):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     else:  # pragma: no cover - every field of the tree is one of the above
         return value
     name = getattr(annotation, "__name__", str(annotation))
@@ -219,6 +235,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise JewelclfError(f"config file '{path}' does not exist; check the --config path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise JewelclfError(f"config file '{path}' is not UTF-8 text (byte {e.start} cannot be "
+                            f"decoded); save it as UTF-8") from None
+    except OSError as e:
+        raise JewelclfError(f"config file '{path}' cannot be read ({e.strerror or e}); check its "
+                            f"permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -233,6 +255,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def validate(config: Config) -> Config:
     """Check value ranges that types alone cannot; raise a one-line error naming the key."""
     flat = _flatten(config.to_dict())
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise JewelclfError(f"config key '{key}' must be a finite number, got {value}")
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise JewelclfError(

@@ -6,9 +6,15 @@ Dense softmax (float32)``.
 
 The head is its own small Keras model so that stage 1 can train it on cached features; the
 same layer objects sit inside the full model, so nothing is copied between the two.
+
+Under a mixed-precision policy (``train.precision``) the backbone and the head's hidden layer
+compute in float16/bfloat16, while augmentation and preprocessing work on the 0..255 pixels in
+float32 (Keras' ``RandomGaussianBlur`` cannot run in float16) and the softmax stays float32.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import keras
 
@@ -41,6 +47,17 @@ def build_head(feature_size: int, num_classes: int, head_units: int, dropout: fl
     return keras.Model(features, outputs, name=HEAD)
 
 
+@contextlib.contextmanager
+def _float32_layers():
+    """Layers built in this block compute in float32 whatever the global dtype policy is."""
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
 def build_classifier(config: Config, num_classes: int) -> keras.Model:
     """Build the full functional model of ``config`` for ``num_classes`` classes."""
     spec = get_backbone(config.model.backbone)
@@ -50,9 +67,10 @@ def build_classifier(config: Config, num_classes: int) -> keras.Model:
 
     inputs = keras.Input((size, size, 3), name="pixels")
     x = inputs
-    if config.augment.enabled:
-        x = build_augmentation(config.augment, seed=config.train.seed)(x)
-    x = BackbonePreprocessing(spec.preprocessing, name=PREPROCESSING)(x)
+    with _float32_layers():  # pixels stay float32 until the backbone casts them
+        if config.augment.enabled:
+            x = build_augmentation(config.augment, seed=config.train.seed)(x)
+        x = BackbonePreprocessing(spec.preprocessing, name=PREPROCESSING)(x)
     # training=False keeps BatchNorm in inference mode, even when the base is unfrozen later.
     x = base(x, training=False)
     features = keras.layers.GlobalAveragePooling2D(name=POOL)(x)

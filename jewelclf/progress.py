@@ -12,11 +12,17 @@ unfreezing step). Two Keras mechanisms make a killed run resumable, at any point
 
 Stage 1's frozen-backbone features are kept in ``resume/features.npz``, so a resume does not
 pay for that pass again. The whole ``resume/`` folder is removed when the run finishes.
+
+Every file here is replaced atomically (a temp file, then a rename), Keras' per-epoch backup
+included (:class:`AtomicBackupAndRestore`): a full disk or a kill in the middle of a save leaves
+the previous file whole. :class:`AtomicModelCheckpoint` does the same for best-weights files.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +38,101 @@ STATE = "state.json"
 FEATURES = "features.npz"
 
 
+def _link_over(src: str, dst: str) -> None:
+    """Make ``dst`` a second name of ``src`` (no copy, so no disk space), replacing ``dst``
+    atomically; a copy where the file system has no hard links."""
+    if not os.path.exists(src):
+        return
+    tmp = f"{dst}.tmp-link"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def weights_bytes(model: keras.Model) -> int:
+    """About the size of ``model.save_weights``'s file: the model's and its optimizer's variables,
+    plus HDF5's overhead. Lets :func:`jewelclf.rundir.atomic_save` refuse a save the disk has no
+    room for before HDF5 starts it (HDF5 does not recover from a full disk met part-way)."""
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        variables += list(optimizer.variables)
+    raw = sum(int(np.prod(v.shape)) * np.dtype(getattr(v.dtype, "name", v.dtype)).itemsize
+              for v in variables)
+    return raw + raw // 20 + 2048 * len(variables) + 16 * 1024  # ~1.3 KB a dataset in HDF5
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' ``BackupAndRestore`` with every file replaced atomically.
+
+    Keras rewrites ``latest.weights.h5`` and ``training_metadata.json`` in place: a full disk
+    (or a kill) during the write leaves a truncated file, or one that opens and loads without
+    the optimizer's state, or not at all with a ``ValueError`` that its ``.bkp`` fallback does
+    not catch. Here the new weights are written beside the old ones and renamed over them; with
+    ``double_checkpoint`` the previous pair becomes the ``.bkp`` pair by hard links (no copy).
+    A full disk raises :class:`jewelclf.rundir.DiskFullError` and leaves the previous backup
+    byte for byte. Restoring is Keras' own, ``.bkp`` fallback included.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        meta = Path(self._training_metadata_path)
+        meta_tmp = meta.with_name(f".tmp-{meta.name}")
+
+        def save(tmp):
+            # Both new files are written whole before either is renamed, so a full disk leaves
+            # the previous pair as it was; only the two renames (no space needed) remain after.
+            try:
+                self.model.save_weights(tmp, overwrite=True)
+                with open(meta_tmp, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if self.double_checkpoint:  # the pair being replaced becomes the .bkp pair
+                    _link_over(self._weights_path, self._prev_weights_path)
+                    _link_over(self._training_metadata_path, self._prev_training_metadata_path)
+            except BaseException:
+                meta_tmp.unlink(missing_ok=True)
+                raise
+
+        rd.atomic_save(Path(self._weights_path), save, _expected(self._weights_path, self.model))
+        os.replace(meta_tmp, meta)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' ``ModelCheckpoint`` writing through :func:`jewelclf.rundir.atomic_save`.
+
+    Keras overwrites the checkpoint in place, so a full disk during the save of a new best
+    destroys the previous best. Here the new file is written beside it and renamed over it; a
+    full disk raises :class:`jewelclf.rundir.DiskFullError` and keeps the previous best intact.
+    """
+
+    def _save_model(self, epoch, batch, logs):
+        filepath = self._get_file_path(epoch, batch, logs)
+        if not self._should_save_model(epoch, batch, logs, filepath):
+            return
+        expected = _expected(filepath, self.model)
+        if self.save_weights_only:
+            rd.atomic_save(Path(filepath), lambda tmp: self.model.save_weights(tmp, overwrite=True), expected)
+        else:
+            rd.atomic_save(Path(filepath), lambda tmp: self.model.save(tmp, overwrite=True), expected)
+
+
+def _expected(path, model: keras.Model) -> int:
+    """The larger of the file being replaced and :func:`weights_bytes` of ``model``."""
+    previous = os.path.getsize(path) if os.path.isfile(path) else 0
+    return max(previous, weights_bytes(model))
+
+
 class Progress:
     """The training progress of one run dir, persisted so that ``fit --resume`` can continue."""
 
@@ -41,8 +142,6 @@ class Progress:
         state_path = self.dir / STATE
         self.state: dict[str, Any] = {"done": {}, "values": {}}
         if state_path.is_file():
-            import json
-
             self.state = json.loads(state_path.read_text(encoding="utf-8"))
 
     # --- phases -------------------------------------------------------------------------------
@@ -59,24 +158,29 @@ class Progress:
         """The per-epoch backup of ``phase``; it restores itself when the phase restarts."""
         # Kept after fit returns (delete_checkpoint=False): it is removed only once the phase is
         # marked done, so no moment exists where neither the backup nor the phase's end is saved.
-        return keras.callbacks.BackupAndRestore(str(self.dir / phase), double_checkpoint=True,
-                                                delete_checkpoint=False)
+        return AtomicBackupAndRestore(str(self.dir / phase), double_checkpoint=True,
+                                      delete_checkpoint=False)
 
     def backed_up_epochs(self, phase: str) -> int:
-        """How many epochs of ``phase`` its backup holds (0 when it has none)."""
-        import json
+        """How many epochs of ``phase`` its backup holds (0 when it has none).
 
-        meta = self.dir / phase / "training_metadata.json"
+        When ``latest.weights.h5`` cannot be opened, Keras restores the ``.bkp`` pair instead
+        (its fallback on ``OSError``), so that pair's epoch is the one training resumes after.
+        """
+        folder = self.dir / phase
+        meta, weights = folder / "training_metadata.json", folder / "latest.weights.h5"
+        if weights.is_file() and not _opens_as_hdf5(weights) and (folder / f"{weights.name}.bkp").is_file():
+            meta = folder / f"{meta.name}.bkp"
         try:
             return int(json.loads(meta.read_text())["epoch"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return 0
 
     def complete(self, phase: str, model: keras.Model, summary: dict[str, Any]) -> None:
         """Save the weights at the end of ``phase``, then mark it done."""
         previous = self.last_done
         weights = self.dir / f"after_{phase}.weights.h5"
-        rd.atomic_save(weights, model.save_weights)
+        rd.atomic_save(weights, model.save_weights, _expected(weights, model))
         self.state["done"][phase] = {**summary, "weights": weights.name}
         self._save()
         shutil.rmtree(self.dir / phase, ignore_errors=True)
@@ -129,6 +233,16 @@ class Progress:
 
     def _save(self) -> None:
         rd.atomic_write_json(self.dir / STATE, self.state)
+
+
+def _opens_as_hdf5(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        return False
 
 
 def trim_history(history: Path, progress: Progress) -> None:

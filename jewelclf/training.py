@@ -9,16 +9,25 @@ with a low learning rate. BatchNorm stays frozen (the backbone is called with
 ``training=False`` and its BatchNorm layers are never made trainable). Early stopping and
 learning-rate reduction watch the validation loss, and the best weights seen in the whole run
 are restored at the end.
+
+``train.precision`` sets Keras' dtype policy while the model is built and trained (the softmax
+stays float32), ``train.jit_compile`` goes to every ``compile()``, and ``train.distribute`` builds
+and compiles the model inside a ``tf.distribute`` strategy's scope, with ``data.batch_size`` per
+replica (see :class:`Distribution`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
+import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -43,7 +52,7 @@ from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import compute_metrics, format_report, prediction_rows, write_evaluation
 from jewelclf.model import (HEAD, build_classifier, feature_extractor, image_size,
                             unfreeze_top_blocks, without_augmentation)
-from jewelclf.progress import Progress, trim_history
+from jewelclf.progress import AtomicModelCheckpoint, Progress, trim_history
 
 Log = Callable[[str], None]
 
@@ -188,20 +197,58 @@ def _metrics():
     return ["accuracy"]
 
 
+_JIT = {"auto": "auto", "on": True, "off": False}
+
+
+def _compile(model: keras.Model, learning_rate: float, config: Config) -> None:
+    """Compile with a fresh Adam, the run's loss and metrics, and ``train.jit_compile``.
+
+    ``auto`` is Keras' own default: XLA on a GPU when every layer supports it and no
+    tf.distribute strategy is in use. ``on`` asks for XLA; Keras still turns it off (with a
+    warning) for a model holding a layer that cannot be compiled, such as ``RandomZoom``.
+    """
+    model.compile(keras.optimizers.Adam(learning_rate), loss=_loss(config), metrics=_metrics(),
+                  jit_compile=_JIT[config.train.jit_compile])
+
+
+def _scope(model: keras.Model):
+    """The scope of the tf.distribute strategy ``model`` was built under (the default one if none)."""
+    return model.distribute_strategy.scope()
+
+
+def _global_batch(model: keras.Model, config: Config) -> int:
+    return config.data.batch_size * model.distribute_strategy.num_replicas_in_sync
+
+
+def _shard_by_data(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Shard by element across workers (the images are decoded in a map, not read from files)."""
+    if replicas <= 1:
+        return ds
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
 def _features(extractor: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
-    """Pooled features of every image of a batched, ordered dataset (with a progress bar)."""
-    return extractor.predict(ds.map(lambda x, y: x), verbose=_verbose())
+    """Pooled features of every image of a batched, ordered dataset (with a progress bar).
+
+    Always float32: under mixed precision the backbone's output is float16, and the head
+    trains (and the features are kept) in float32.
+    """
+    return np.asarray(extractor.predict(ds.map(lambda x, y: x), verbose=_verbose()),
+                      dtype=np.float32)
 
 
 def frozen_features(model: keras.Model, train_in_order: tf.data.Dataset,
                     val_ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """The frozen backbone's pooled features of the ordered training images and of val."""
-    extractor = feature_extractor(model)
-    return _features(extractor, train_in_order), _features(extractor, val_ds)
+    with _scope(model):
+        extractor = feature_extractor(model)
+        return _features(extractor, train_in_order), _features(extractor, val_ds)
 
 
 def one_hot(records: list[Record], class_names: list[str]) -> np.ndarray:
@@ -254,9 +301,8 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
     best_path.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
         recorder,
-        keras.callbacks.ModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
-                                        save_weights_only=True,
-                                        initial_value_threshold=_finite(best_so_far)),
+        AtomicModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
+                              save_weights_only=True, initial_value_threshold=_finite(best_so_far)),
         keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, baseline=_finite(best_so_far)),
     ]
     if progress is not None:
@@ -276,16 +322,20 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
         y_train, y_val = labels
         t_features = time.perf_counter() - t0
         trainee = model.get_layer(HEAD)
-        trainee.compile(keras.optimizers.Adam(cfg.learning_rate), loss=_loss(config), metrics=_metrics())
-        feats = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        _compile(trainee, cfg.learning_rate, config)
+        batch = _global_batch(model, config)
+        replicas = model.distribute_strategy.num_replicas_in_sync
+        feats = _shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
             len(x_train), seed=config.train.seed, reshuffle_each_iteration=True
-        ).batch(config.data.batch_size)
-        trainee.fit(feats, validation_data=(x_val, y_val), epochs=cfg.epochs, class_weight=weights,
+        ).batch(batch), replicas)
+        val_feats = _shard_by_data(tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(batch),
+                                   replicas)
+        trainee.fit(feats, validation_data=val_feats, epochs=cfg.epochs, class_weight=weights,
                     callbacks=callbacks, verbose=_verbose(), shuffle=False)
     else:
         t_features = 0.0
         trainee = model if (config.augment.enabled and config.augment.in_stage1) else without_augmentation(model)
-        trainee.compile(keras.optimizers.Adam(cfg.learning_rate), loss=_loss(config), metrics=_metrics())
+        _compile(trainee, cfg.learning_rate, config)
         trainee.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights,
                     callbacks=callbacks, verbose=_verbose(), shuffle=False)
     if best_path.exists():
@@ -293,6 +343,7 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
     seconds = time.perf_counter() - t0
     summary = {"epochs": recorder.epochs_done, "seconds": round(seconds, 1),
                "feature_seconds": round(t_features, 1), "cached_features": use_cache,
+               "jit_compile": bool(trainee.jit_compile),
                "best_val_loss": recorder.best_val_loss,
                "best_val_accuracy": recorder.best_val_accuracy}
     log(f"stage 1 (head{', cached features' if use_cache else ''}): {summary['epochs']} epochs in "
@@ -322,8 +373,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
     best_path = run_dir / rd.BEST_CHECKPOINT
     best = progress.value("stage2_start_val_loss") if progress is not None else None
     if best is None or not best_path.exists():
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=_loss(config),
-                      metrics=_metrics())
+        _compile(model, cfg.learning_rate, config)
         best = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
         rd.atomic_save(best_path, model.save_weights)
         if progress is not None:
@@ -346,15 +396,14 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             continue
         unfrozen = unfreeze_top_blocks(model, spec, step)
         # Recompile after changing trainability, so the optimizer sees the new variables.
-        model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=_loss(config),
-                      metrics=_metrics())
+        _compile(model, cfg.learning_rate, config)
         recorder = HistoryRecorder(run_dir / rd.HISTORY, phase, epoch_offset + done)
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log(f"stage 2 step {step}: unfrozen {', '.join(unfrozen)} ({trainable:,} trainable weights)"
             + (f"; resuming after epoch {recorder.epochs_done}" if recorder.epochs_done else ""))
         callbacks = [
             recorder,
-            keras.callbacks.ModelCheckpoint(
+            AtomicModelCheckpoint(
                 str(best_path), monitor="val_loss", save_best_only=True, save_weights_only=True,
                 initial_value_threshold=min(best, recorder.best_val_loss), verbose=0),
             keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience,
@@ -380,7 +429,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
     seconds = time.perf_counter() - t0
     log(f"stage 2 (unfreezing): {done} epochs in {seconds:.1f}s, best val_loss {best:.4f} restored")
     return {"epochs": done, "seconds": round(seconds, 1), "best_val_loss": best,
-            "unfrozen_blocks": unfrozen}
+            "unfrozen_blocks": unfrozen, "jit_compile": bool(model.jit_compile)}
 
 
 @dataclass
@@ -401,18 +450,25 @@ class Datasets:
     computed once beforehand and shared (tuning trials); ``None``: stage 1 computes its own."""
 
 
-def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log = print) -> Datasets:
-    """Build the train/val pipelines of ``data`` for ``config`` (decoded images cached once)."""
+def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log = print,
+                  replicas: int = 1) -> Datasets:
+    """Build the train/val pipelines of ``data`` for ``config`` (decoded images cached once).
+
+    ``data.batch_size`` is per replica: with ``replicas`` > 1 (a tf.distribute strategy) the
+    pipelines batch at the global batch, ``batch_size * replicas``, which the strategy splits.
+    """
     names = data.class_names
     size = image_size(config)
+    batch = config.data.batch_size * replicas
     cache = choose_cache(config.data, len(data.train) + len(data.val), size)
     train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
     val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
     return Datasets(
-        train=batched(train_plain, len(names), config.data.batch_size, shuffle=True,
-                      seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer),
-        train_in_order=batched(train_plain, len(names), config.data.batch_size),
-        val=batched(val_plain, len(names), config.data.batch_size),
+        train=_shard_by_data(batched(train_plain, len(names), batch, shuffle=True,
+                                     seed=config.train.seed,
+                                     shuffle_buffer=config.data.shuffle_buffer), replicas),
+        train_in_order=_shard_by_data(batched(train_plain, len(names), batch), replicas),
+        val=_shard_by_data(batched(val_plain, len(names), batch), replicas),
         labels=(one_hot(data.train, names), one_hot(data.val, names)),
         class_weights=class_weights(data.train, names, config.train.class_weight, log),
         cache=cache,
@@ -427,15 +483,208 @@ def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path
     ``history.csv`` and the best checkpoint into ``work_dir``. With ``progress`` (``fit``), the
     work is backed up as it goes and a rerun continues from where an interrupted one stopped.
     """
-    if progress is not None:
-        phase = progress.restore(model)
-        if phase is not None:
-            log(f"resuming: {phase} had finished; continuing from its weights")
-    s1 = train_stage1(model, config, ds.train, ds.val, ds.train_in_order, ds.labels,
-                      ds.class_weights, work_dir, log, features=ds.features, progress=progress)
-    s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
-                      s1.get("epochs", 0), log, progress=progress)
+    # Under a tf.distribute strategy, every model, compile and fit of both stages happens in
+    # the scope of the strategy ``model`` was built under (the default strategy otherwise).
+    with _scope(model):
+        if progress is not None:
+            phase = progress.restore(model)
+            if phase is not None:
+                log(f"resuming: {phase} had finished; continuing from its weights")
+        s1 = train_stage1(model, config, ds.train, ds.val, ds.train_in_order, ds.labels,
+                          ds.class_weights, work_dir, log, features=ds.features, progress=progress)
+        s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
+                          s1.get("epochs", 0), log, progress=progress)
     return {"stage1": s1, "stage2": s2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and distribution (train.precision, train.distribute)
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: mixed_float16 when TensorFlow sees a GPU, float32 on a CPU (where float16
+    math is emulated and slower); any other value is returned as is."""
+    if precision != "auto":
+        return precision
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str):
+    """Set Keras' global dtype policy to ``precision`` (resolved) for the block; restore it after.
+
+    Models built inside the block take the policy: under ``mixed_*`` layers compute in
+    float16/bfloat16 with float32 weights, and the softmax stays float32
+    (:func:`jewelclf.model.build_head`). ``compile`` wraps the optimizer in a
+    ``LossScaleOptimizer`` under ``mixed_float16``.
+    """
+    resolved = resolve_precision(precision)
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(resolved)
+    try:
+        yield resolved
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes what Keras 3's TF trainer passes.
+
+    Keras 3.15's TensorFlow trainer calls ``strategy.reduce`` in two ways that TensorFlow's
+    multi-worker strategy rejects, so a plain ``fit`` fails before its first step
+    (keras-team/keras#20585, tensorflow/tensorflow#72388):
+
+    - ``_maybe_symbolic_build`` reduces the first ``(x, y)`` batch, a tuple of ``PerReplica``
+      values, only to learn its shapes: the collective all-reduce takes one value at a time
+      ("Attempt to convert a value (PerReplica...) with an unsupported type to a Tensor"), and
+      the shards of an uneven batch differ in size between workers ("Shape mismatch in the
+      collective instance");
+    - ``reduce_per_replica`` averages the replicas' metric values, scalars, over ``axis=0``
+      ("Invalid reduction dimension 0 for input with 0 dimensions").
+
+    Here a scalar is averaged over the replicas (``axis=None``), and a batch reduced with
+    ``axis=None`` is this worker's own shard (the shapes are all Keras needs from it). Those
+    are the only two calls Keras makes; everything else is TensorFlow's strategy, unchanged.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        parent = super()
+
+        def one(v):
+            local = self.experimental_local_results(v)
+            if all(getattr(c, "shape", None) is not None and c.shape.rank == 0 for c in local):
+                return parent.reduce(reduce_op, v, None)
+            if axis is None:
+                return local[0]
+            return parent.reduce(reduce_op, v, axis)
+
+        return tf.nest.map_structure(one, value)
+
+
+@dataclass
+class Distribution:
+    """The tf.distribute strategy of a run (``None`` for ``train.distribute: none``)."""
+
+    mode: str = "none"
+    strategy: tf.distribute.Strategy | None = None
+    workers: int = 1
+    task_index: int = 0
+    chief: bool = True
+    """Whether this process writes the run dir (the only process, or the chief worker)."""
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "replicas": self.replicas, "workers": self.workers}
+
+
+_TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                      '"task": {"type": "worker", "index": 0}}\' (index 1 on host2)')
+
+
+def _tf_config() -> tuple[int, int, bool]:
+    """(workers, this task's index among them, chief?) from ``TF_CONFIG``; one-line errors."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    fix = f"set it on every machine, e.g. {_TF_CONFIG_EXAMPLE}"
+    if not raw:
+        raise JewelclfError(f"--distribute multi_worker needs the TF_CONFIG environment variable "
+                            f"naming the cluster and this worker; {fix}")
+    try:
+        conf = json.loads(raw)
+    except ValueError as e:
+        raise JewelclfError(f"TF_CONFIG is not valid JSON ({e}); {fix}") from None
+    cluster = conf.get("cluster") if isinstance(conf, dict) else None
+    task = conf.get("task") if isinstance(conf, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise JewelclfError(f"TF_CONFIG needs a 'cluster' and a 'task' mapping; {fix}")
+    kinds = {k: v for k, v in cluster.items() if k in ("chief", "worker")}
+    bad = [k for k, v in kinds.items()
+           if not isinstance(v, list) or not v or not all(isinstance(a, str) and ":" in a for a in v)]
+    if not kinds or bad:
+        raise JewelclfError(f"TF_CONFIG's cluster must list 'worker' addresses as \"host:port\" "
+                            f"strings (and at most one 'chief'); {fix}")
+    if len(kinds.get("chief", [])) > 1:
+        raise JewelclfError(f"TF_CONFIG's cluster lists {len(kinds['chief'])} chiefs; list one "
+                            f"'chief' at most (or none: worker 0 is then the chief)")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in kinds or not isinstance(index, int) or isinstance(index, bool) \
+            or not 0 <= index < len(kinds[kind]):
+        raise JewelclfError(f"TF_CONFIG's task {task!r} is not one of its cluster's "
+                            f"{'/'.join(kinds)} entries; give each machine its own "
+                            f"{{\"type\": \"worker\", \"index\": i}} with i from 0 to "
+                            f"{len(kinds.get('worker', [])) - 1}")
+    order = ["chief"] * len(kinds.get("chief", [])) + ["worker"] * len(kinds.get("worker", []))
+    position = index + (len(kinds.get("chief", [])) if kind == "worker" else 0)
+    chief = kind == "chief" or ("chief" not in kinds and index == 0)
+    return len(order), position, chief
+
+
+HEARTBEAT_TIMEOUT_SECONDS = 60
+
+
+def _lenient_heartbeats(seconds: int = HEARTBEAT_TIMEOUT_SECONDS) -> None:
+    """Let a worker miss TensorFlow's heartbeats for ``seconds`` before the cluster gives up.
+
+    The strategy sets up TensorFlow's coordination service with a 10 s heartbeat timeout,
+    after which the whole run fails ("tasks are unhealthy (stopped sending heartbeats)"); a
+    worker on a busy machine (other jobs, a data check using every core) can be starved that
+    long. A worker that exits is still noticed at once (its connection closes). Set up here,
+    before the strategy, in its place; on a TensorFlow without these internals, TF's default
+    stays.
+    """
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.distribute import multi_worker_util
+        from tensorflow.python.eager import context
+
+        if context.context().coordination_service is not None:
+            return
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        spec = multi_worker_util.normalize_cluster_spec(resolver.cluster_spec())
+        jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+                for job in ("chief", "worker") if job in spec.jobs]
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+            coordinated_jobs=jobs, heartbeat_timeout_in_ms=seconds * 1000)
+    except Exception:  # noqa: BLE001 - best effort: TensorFlow's own defaults otherwise
+        return
+
+
+def make_distribution(mode: str, log: Log = print) -> Distribution:
+    """The strategy of ``train.distribute``; create it before TensorFlow runs anything else.
+
+    ``mirrored``: ``tf.distribute.MirroredStrategy`` over all local GPUs (one replica on the
+    CPU when there is none). ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the machines
+    of ``TF_CONFIG``; the chief (``task`` ``chief``, or worker 0 when the cluster has no chief)
+    writes the run dir, the other workers write only to a temporary folder.
+    """
+    if mode == "none":
+        return Distribution()
+    if mode == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+        devices = list(strategy.extended.worker_devices)
+        note = "" if tf.config.list_physical_devices("GPU") else " (no GPU visible: one replica on the CPU)"
+        log(f"distribute mirrored: {strategy.num_replicas_in_sync} replica(s) on "
+            f"{', '.join(devices)}{note}")
+        return Distribution("mirrored", strategy)
+    workers, index, chief = _tf_config()
+    _lenient_heartbeats()
+    try:
+        strategy = _MultiWorkerStrategy()
+    except (RuntimeError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise JewelclfError(f"could not start the multi-worker strategy ({first}); it must be "
+                            f"created before TensorFlow runs anything else in the process: run "
+                            f"jewelclf fit in a fresh process on every worker") from None
+    log(f"distribute multi_worker: worker {index} of {workers}"
+        f"{' (chief: writes the run dir)' if chief else ''}, "
+        f"{strategy.num_replicas_in_sync} replica(s) in all")
+    return Distribution("multi_worker", strategy, workers, index, chief)
 
 
 def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = False,
@@ -446,10 +695,46 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
     curves, the best checkpoint, ``model.keras`` and, when the data has a test split,
     ``metrics.json`` with its confusion matrix. Only one process at a time may use a run dir.
     Ctrl-C or SIGTERM stops the run with :class:`RunInterrupted`; :func:`resume_fit` continues it.
+
+    With ``train.distribute: multi_worker`` every worker runs this same call; only the chief
+    writes ``run_dir``, the others train in step with it and write to a temporary folder.
     """
-    get_backbone(config.model.backbone)  # fail fast on a bad name, before touching run_dir
-    return _locked(Path(run_dir), lambda: _fit_locked(data_spec, Path(run_dir), config, overwrite,
-                                                      False, log))
+    # Fail fast on a bad backbone name or image size, before touching run_dir.
+    get_backbone(config.model.backbone).check_image_size(image_size(config))
+    dist = make_distribution(config.train.distribute, log)  # before TensorFlow runs anything
+    try:
+        if not dist.chief:
+            return _fit_non_chief(data_spec, config, dist, log)
+        return _locked(Path(run_dir), lambda: _fit_locked(data_spec, Path(run_dir), config,
+                                                          overwrite, False, log, dist),
+                       resumable=dist.mode != "multi_worker")
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError) as e:
+        if dist.mode != "multi_worker":
+            raise
+        # TensorFlow's health check aborts the collectives when a peer is gone.
+        reason = re.sub(r"\{\{[^}]*\}\}\s*", "", str(e)).strip().splitlines()
+        raise JewelclfError(
+            f"worker {dist.task_index} lost contact with the other workers "
+            f"({(reason[0] if reason else type(e).__name__)[:160]}): one of them stopped, see "
+            f"its output; start the run again on every worker (with --overwrite)") from None
+
+
+def _fit_non_chief(data_spec: str, config: Config, dist: Distribution, log: Log) -> dict[str, Any]:
+    """A non-chief worker: the same training, in step with the chief, into a temp folder.
+
+    Keras' multi-worker pattern: every worker runs every save (a checkpoint may need all of
+    them), and the non-chief ones write to a temporary folder that is removed afterwards.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f"jewelclf-worker{dist.task_index}-"))
+    log(f"worker {dist.task_index}: not the chief, so it writes only to {tmp} (removed at the "
+        f"end); the chief writes the run dir")
+    try:
+        with _sigterm_as_interrupt():
+            info = _fit_locked(data_spec, tmp / "run", config, False, False, log, dist)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**info, "status": "worker finished"}
 
 
 def resume_fit(run_dir: str | Path, data_spec: str | None = None, log: Log = print) -> dict[str, Any]:
@@ -477,7 +762,12 @@ def resume_fit(run_dir: str | Path, data_spec: str | None = None, log: Log = pri
         raise JewelclfError(f"the run in '{run_dir}' trained on '{saved}', not '{data_spec}'; "
                             f"resume without DATA, or start a new run")
     config = resolve(run_dir / rd.CONFIG)
-    return _locked(run_dir, lambda: _fit_locked(saved, run_dir, config, False, True, log))
+    if config.train.distribute == "multi_worker":
+        raise JewelclfError(f"the run in '{run_dir}' trained with train.distribute: multi_worker, "
+                            f"which --resume cannot continue (the other workers' state is not in "
+                            f"the run dir); start it again with --overwrite")
+    dist = make_distribution(config.train.distribute, log)
+    return _locked(run_dir, lambda: _fit_locked(saved, run_dir, config, False, True, log, dist))
 
 
 class RunInterrupted(JewelclfError):
@@ -490,15 +780,27 @@ def _data_key(spec: str) -> str:
     return spec if spec.startswith("tfds:") else str(Path(spec).resolve())
 
 
-def _locked(run_dir: Path, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _locked(run_dir: Path, work: Callable[[], dict[str, Any]], resumable: bool = True) -> dict[str, Any]:
     with rd.run_lock(run_dir), _sigterm_as_interrupt():
         try:
             return work()
+        except JewelclfError:
+            raise
+        except Exception as e:
+            # A full disk met outside jewelclf.rundir's writes (an appended history row, a
+            # TensorFlow cache file): one line, and the run stays resumable.
+            if not rd.is_disk_full(e):
+                raise
+            raise rd.DiskFullError(rd.disk_full_message(e, run_dir)) from None
         except KeyboardInterrupt:
             info = rd.read_run_info(run_dir)
             if info is None or info.get("status") != "running":
                 raise
             rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "interrupted"})
+            if not resumable:
+                raise RunInterrupted(
+                    f"interrupted; a multi-worker run cannot be resumed: start it again on every "
+                    f"worker with --overwrite (run dir {run_dir})") from None
             raise RunInterrupted(
                 f"interrupted; the epochs finished so far are saved. Resume with: "
                 f"jewelclf fit --resume --run-dir {run_dir}") from None
@@ -522,8 +824,10 @@ def _sigterm_as_interrupt():
 
 
 def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, resume: bool,
-                log: Log) -> dict[str, Any]:
+                log: Log, dist: Distribution | None = None) -> dict[str, Any]:
     started = time.time()
+    dist = dist or Distribution()
+    precision = resolve_precision(config.train.precision)
     if resume:
         info = rd.read_run_info(run_dir) or {}
         info.update({"status": "running",
@@ -537,7 +841,12 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
                 "data_path": _data_key(data_spec), "seed": config.train.seed,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": rd.environment()}
         rd.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
+    # The resolved choices of this attempt (``auto`` may differ between machines).
+    info.update({"precision": precision, "jit_compile": config.train.jit_compile,
+                 "distribute": dist.describe()})
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+    log(f"precision {precision}{' (auto)' if config.train.precision == 'auto' else ''}, "
+        f"jit_compile {config.train.jit_compile}")
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -560,39 +869,51 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     log("images per class (train/val/test): " + ", ".join(
         f"{c} {counts[('train', c)]}/{counts[('val', c)]}/{counts[('test', c)]}" for c in names))
 
-    model = build_classifier(config, len(names))
-    datasets = make_datasets(data, config, run_dir / "cache", log)
-    progress = Progress(run_dir)
-    if resume:
-        trim_history(run_dir / rd.HISTORY, progress)
-    stages = train_model(model, config, datasets, run_dir, log, progress=progress)
-    # Leave the backbone frozen in the saved model, so a reload trains the head by default.
-    model.get_layer("backbone").trainable = False
-    rd.atomic_save(run_dir / rd.MODEL, model.save)
-    if (run_dir / rd.HISTORY).exists():
-        from jewelclf import plots
+    with precision_policy(precision):
+        with dist.scope():
+            model = build_classifier(config, len(names))
+        datasets = make_datasets(data, config, run_dir / "cache", log, replicas=dist.replicas)
+        if dist.strategy is not None:
+            log(f"global batch {config.data.batch_size * dist.replicas} = data.batch_size "
+                f"{config.data.batch_size} per replica x {dist.replicas} replica(s)")
+        # A multi-worker run keeps no resume state: its workers' state is not all in run_dir.
+        progress = Progress(run_dir) if dist.mode != "multi_worker" else None
+        if resume and progress is not None:
+            trim_history(run_dir / rd.HISTORY, progress)
+        stages = train_model(model, config, datasets, run_dir, log, progress=progress)
+        # Leave the backbone frozen in the saved model, so a reload trains the head by default.
+        model.get_layer("backbone").trainable = False
+        rd.atomic_save(run_dir / rd.MODEL, model.save)
+        if (run_dir / rd.HISTORY).exists():
+            from jewelclf import plots
 
-        plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES)
+            plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES)
 
-    summary: dict[str, Any] = {**stages, "rejected_files": data.rejected,
-                               "num_train": len(data.train), "num_val": len(data.val),
-                               "num_test": len(data.test)}
-    if data.test:
-        from jewelclf.evaluation import predict_records
+        summary: dict[str, Any] = {**stages, "rejected_files": data.rejected,
+                                   "num_train": len(data.train), "num_val": len(data.val),
+                                   "num_test": len(data.test)}
+        if data.test:
+            from jewelclf.evaluation import predict_records
 
-        y_true, probs = predict_records(model, data.source, data.test, names, config)
-        metrics = compute_metrics(y_true, probs, names, config.train.top_k)
-        metrics["data"] = f"{data_spec} (test split)"
-        write_evaluation(metrics, run_dir, prediction_rows(data.test, y_true, probs, names),
-                         title=f"{run_dir.name}: test split")
-        log(format_report(metrics))
-        summary["test"] = {k: metrics[k] for k in ("accuracy", "top_k_accuracy", "macro_f1")}
+            # Every worker predicts (the prediction's collectives need all of them).
+            y_true, probs = predict_records(model, data.source, data.test, names, config)
+            metrics = compute_metrics(y_true, probs, names, config.train.top_k)
+            metrics["data"] = f"{data_spec} (test split)"
+            write_evaluation(metrics, run_dir, prediction_rows(data.test, y_true, probs, names),
+                             title=f"{run_dir.name}: test split")
+            if dist.chief:
+                log(format_report(metrics))
+            summary["test"] = {k: metrics[k] for k in ("accuracy", "top_k_accuracy", "macro_f1")}
     if datasets.cache == "disk":
         shutil.rmtree(run_dir / "cache", ignore_errors=True)
     info.update({"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  # with --resume: this attempt's time only
                  "wall_seconds": round(time.time() - started, 1), "summary": summary})
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
-    progress.clear()
-    log(f"run finished in {info['wall_seconds']:.0f}s: {run_dir}")
+    if progress is not None:
+        progress.clear()
+    if dist.chief:
+        log(f"run finished in {info['wall_seconds']:.0f}s: {run_dir}")
+    else:
+        log(f"worker {dist.task_index} finished in {info['wall_seconds']:.0f}s; the chief wrote the run")
     return info

@@ -38,6 +38,7 @@ from jewelclf import rundir as rd
 from jewelclf.backbones import get_backbone
 from jewelclf.config import Config, from_dict, merge, set_dotted, validate
 from jewelclf.errors import JewelclfError
+from jewelclf.model import image_size
 
 Log = Callable[[str], None]
 
@@ -556,7 +557,8 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
         space = space if space is not None else parse_space({})
         settings = _check_settings(Settings(**{k: v for k, v in given.items() if v is not None},
                                             max_trials=max_trials, fast=fast))
-        get_backbone(config.model.backbone)  # fail fast on a bad name, before touching run_dir
+        # Fail fast on a bad backbone name or image size, before touching run_dir.
+        get_backbone(config.model.backbone).check_image_size(image_size(config))
         info = {}
     if config.train.stage1.epochs + config.train.stage2.epochs == 0:
         raise JewelclfError("nothing to train: train.stage1.epochs and train.stage2.epochs are both 0")

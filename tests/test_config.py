@@ -48,3 +48,51 @@ def test_bad_yaml_is_one_line_naming_the_key(tmp_path, text, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(JewelclfError, match="does not exist"):
         cfg.resolve(tmp_path / "nope.yaml")
+
+
+# --- through the command (issue #6: YAML config with unknown keys, wrong types or negative epochs)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("trian:\n  seed: 1\n", "unknown config key 'trian'; known keys here: augment, data, model, train"),
+    ("train:\n  stage1:\n    epoch: 3\n", "unknown config key 'train.stage1.epoch'"),
+    ("train:\n  stage1:\n    epochs: three\n", "config key 'train.stage1.epochs' must be int, got 'three' (str)"),
+    ("train:\n  stage1:\n    epochs: 2.5\n", "config key 'train.stage1.epochs' must be int, got 2.5 (float)"),
+    ("train:\n  stage1:\n    epochs: true\n", "config key 'train.stage1.epochs' must be int, got True (bool)"),
+    ("train:\n  stage1:\n    epochs: null\n", "config key 'train.stage1.epochs' must be int, got None"),
+    # YAML 1.1 reads 1e-3 (no dot) as a string: the line names the key and the value as read
+    ("train:\n  stage1:\n    learning_rate: 1e-3\n", "'train.stage1.learning_rate' must be float, got '1e-3' (str)"),
+    ("train:\n  stage1:\n    epochs: -2\n", "config key 'train.stage1.epochs' must not be negative, got -2"),
+    ("train:\n  stage2:\n    epochs: -1\n", "config key 'train.stage2.epochs' must not be negative, got -1"),
+    ("data:\n  image_size: 0\n", "config key 'data.image_size' must be positive, got 0"),
+])
+def test_bad_yaml_through_fit_is_one_line(tmp_path, text, needle):
+    from click.testing import CliRunner
+
+    from jewelclf.cli import main
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    result = CliRunner().invoke(main, ["fit", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"),
+                                       "--config", str(f)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith("error: ") and needle in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before the run dir is made
+
+
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("model:\n  backbone: vgg16  # modèle\n".encode("latin-1"))
+    with pytest.raises(JewelclfError) as e:
+        cfg.resolve(f)
+    assert str(f) in str(e.value) and "UTF-8" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_non_finite_learning_rate_is_refused(tmp_path, value):
+    f = tmp_path / "lr.yaml"
+    f.write_text(f"train:\n  stage1:\n    learning_rate: {value}\n")
+    with pytest.raises(JewelclfError, match="'train.stage1.learning_rate'"):
+        cfg.resolve(f)

@@ -96,8 +96,7 @@ def test_fit_is_reproducible_with_a_seed(tmp_path):
     assert (tmp_path / "a" / "splits.csv").read_text() == (tmp_path / "b" / "splits.csv").read_text()
     ha = [r["val_loss"] for r in csv.DictReader(open(tmp_path / "a" / "history.csv"))]
     hb = [r["val_loss"] for r in csv.DictReader(open(tmp_path / "b" / "history.csv"))]
-    assert ha == pytest.approx(hb, rel=1e-4) if False else [float(v) for v in ha] == pytest.approx(
-        [float(v) for v in hb], rel=1e-4)
+    assert [float(v) for v in ha] == pytest.approx([float(v) for v in hb], rel=1e-4)
 
 
 def _one_line_error(result):
@@ -176,5 +175,37 @@ def test_second_process_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
     finally:
         holder.kill()                                   # SIGKILL: no chance to clean up
         holder.wait()
+    ok = run("fit", data, "--run-dir", run_dir, *TINY_FLAGS, "--epochs", "1", "--fine-tune-epochs", "0")
+    assert ok.exit_code == 0, ok.output
+
+
+# --- --image-size below the backbone's minimum (issue #6) ------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--backbone", "tiny_cnn", "--image-size", "8"],
+     "image size 8 is below tiny_cnn's minimum of 16; pass --image-size 16 or more (default 32)"),
+    (["--backbone", "vgg16", "--image-size", "31"],
+     "image size 31 is below vgg16's minimum of 32; pass --image-size 32 or more (default 224)"),
+    (["--backbone", "efficientnet_b3", "--image-size", "1"],
+     "image size 1 is below efficientnet_b3's minimum of 32; pass --image-size 32 or more (default 300)"),
+], ids=["tiny_cnn-8", "vgg16-31", "efficientnet_b3-1"])
+def test_image_size_below_the_backbones_minimum_is_one_line(tmp_path, flags, message):
+    data = make_class_folder(tmp_path / "data", per_class=5)
+    result = run("fit", data, "--run-dir", tmp_path / "r", "--weights", "none", *flags)
+    assert _one_line_error(result) == f"error: {message}"
+    assert result.stderr.strip() == f"error: {message}"  # nothing else on stderr
+    yaml_file = tmp_path / "small.yaml"  # the same from a config file
+    yaml_file.write_text(f"model:\n  backbone: {flags[1]}\n  weights: none\ndata:\n  image_size: {flags[3]}\n")
+    assert _one_line_error(run("fit", data, "--run-dir", tmp_path / "r2", "--config", yaml_file)) == f"error: {message}"
+
+
+def test_image_size_below_the_minimum_is_refused_before_the_run_dir_is_used(tmp_path):
+    data = make_class_folder(tmp_path / "data", per_class=5)
+    run_dir = tmp_path / "r"
+    result = run("fit", data, "--run-dir", run_dir, *TINY_FLAGS, "--image-size", "8")
+    assert "below tiny_cnn's minimum" in _one_line_error(result)
+    assert "checked" not in result.output  # refused before reading a single image
+    assert not (run_dir / "run_info.json").exists()
     ok = run("fit", data, "--run-dir", run_dir, *TINY_FLAGS, "--epochs", "1", "--fine-tune-epochs", "0")
     assert ok.exit_code == 0, ok.output

@@ -180,6 +180,17 @@ def test_bad_space_file_is_a_one_line_error_naming_the_key(tmp_path, text, key, 
     assert not (tmp_path / "run").exists()
 
 
+def test_image_size_below_the_backbone_minimum_is_refused_up_front(setup, tmp_path):
+    """A size the backbone cannot take is one line before any data is read or run dir made."""
+    config = tmp_path / "small.yaml"
+    config.write_text(setup["config"].read_text().replace("image_size: 32", "image_size: 8"))
+    result = run("tune", setup["data"], "--run-dir", tmp_path / "run", "--config", config,
+                 "--space", setup["space"])
+    assert result.exit_code == 2, result.output
+    assert "below tiny_cnn's minimum" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def _cli(*args) -> list[str]:
     return [sys.executable, str(TESTS / "tiny_cli.py"), *map(str, args)]
 
