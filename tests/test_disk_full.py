@@ -9,7 +9,7 @@ path it was given, then fails with ``OSError(ENOSPC)`` (or TensorFlow's
 the atomic writes, that partial file is the checkpoint itself.
 
 The same failures on a real full disk (a 256 KB tmpfs) were checked by hand; see
-docs/reliability.md for what Keras' own callbacks do there.
+TESTING.md for what Keras' own callbacks do there.
 """
 
 from __future__ import annotations
