@@ -486,15 +486,6 @@ def test_export_cli_errors(tiny_run, tmp_path):
     assert not (tmp_path / "o").exists() or ex.list_versions(tmp_path / "o") == []
 
 
-def test_embed_layer_hidden_is_refused_for_a_model_without_one(tiny_run, tmp_path):
-    from jewelclf.errors import JewelclfError
-
-    with pytest.raises(JewelclfError, match="no hidden head layer"):
-        ex.export_run(tiny_run, "savedmodel", output=tmp_path / "m", embed_layer="hidden",
-                      log=lambda _: None)
-    assert not (tmp_path / "m").exists()
-
-
 def test_default_output_is_exported_models_run_name(tmp_path):
     assert ex.default_output(tmp_path / "runs" / "vgg16", "savedmodel") == Path("exported_models/vgg16")
     assert ex.default_output(tmp_path / "runs" / "vgg16", "tflite") == Path("exported_models/vgg16_tflite")
