@@ -31,7 +31,9 @@ from jewelclf.data.sources import load_source  # noqa: E402
 
 def consume(ds) -> int:
     n = 0
-    for x, *_ in ds:
+    for element in ds:
+        # A bare pipeline yields the image batch itself; the others (images, labels, ...).
+        x = element[0] if isinstance(element, (tuple, list)) else element
         n += int(x.shape[0]) if x.shape.rank == 4 else 1
     return n
 
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("folder", help="a folder of class subfolders")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     source = load_source(args.folder)
