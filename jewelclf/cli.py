@@ -185,8 +185,6 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
     from jewelclf.export import export_run, format_export_summary
 
-    if embed_layer != "pool" and fmt != "savedmodel":
-        raise JewelclfError("--embed-layer applies to --format savedmodel only")
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
                         log=click.echo, embed_layer=embed_layer)
     click.echo(format_export_summary(report))
@@ -306,7 +304,7 @@ def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_
     """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
     and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`."""
     from jewelclf.config import resolve
-    from jewelclf.training import precision_policy
+    from jewelclf.training import describe_precision, precision_policy
     from jewelclf.tuning import load_space, tune
 
     overrides = _overrides(precision=precision, jit_compile=jit_compile)
@@ -325,8 +323,7 @@ def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_
                             f"run trials on several machines use keras-tuner's distributed mode "
                             f"(KERASTUNER_* variables)")
     with precision_policy(base.train.precision) as resolved:
-        click.echo(f"precision {resolved}{' (auto)' if base.train.precision == 'auto' else ''}, "
-                   f"jit_compile {base.train.jit_compile}")
+        click.echo(describe_precision(base, resolved))
         tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
 
 

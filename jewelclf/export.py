@@ -1106,6 +1106,8 @@ def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = Non
         raise JewelclfError("--version applies to --format savedmodel only")
     if fmt != "tflite" and quantize:
         raise JewelclfError("--quantize applies to --format tflite only")
+    if fmt != "savedmodel" and embed_layer != DEFAULT_EMBED_LAYER:
+        raise JewelclfError("--embed-layer applies to --format savedmodel only")
     if fmt == "savedmodel":
         if overwrite:
             raise JewelclfError("SavedModel versions are never overwritten; omit --overwrite "

@@ -509,6 +509,12 @@ def resolve_precision(precision: str) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
+def describe_precision(config: Config, resolved: str) -> str:
+    """The log line of a run's or search's numerics: the resolved precision and jit_compile."""
+    auto = " (auto)" if config.train.precision == "auto" else ""
+    return f"precision {resolved}{auto}, jit_compile {config.train.jit_compile}"
+
+
 @contextlib.contextmanager
 def precision_policy(precision: str):
     """Set Keras' global dtype policy to ``precision`` (resolved) for the block; restore it after.
@@ -845,8 +851,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     info.update({"precision": precision, "jit_compile": config.train.jit_compile,
                  "distribute": dist.describe()})
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
-    log(f"precision {precision}{' (auto)' if config.train.precision == 'auto' else ''}, "
-        f"jit_compile {config.train.jit_compile}")
+    log(describe_precision(config, precision))
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
