@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import CLASSES, make_class_folder, make_csv, make_image, make_split_folder
 from jewelclf.config import DataConfig
 from jewelclf.data.check import check_file, check_records
-from jewelclf.data.images import decode_rgb, load_image
+from jewelclf.data.images import decode_rgb, load_image, resize_rgb
 from jewelclf.data.pipeline import batched, decoded_dataset
 from jewelclf.data.sources import Record, load_source
 from jewelclf.data.splits import assign_splits
@@ -198,6 +198,57 @@ def test_decode_rules(odd_files):
     assert dec("deep.png").dtype == np.uint8   # 16-bit scaled to 8-bit
     gray = dec("deep.png")
     assert (gray[..., 0] == gray[..., 1]).all()
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_fast_path_gives_the_general_decoders_pixels(mode):
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    rgb[:12] = (200, 40, 40)
+    rgb[12:] = (40, 40, 200)
+    data = _jpeg(Image.fromarray(rgb).convert(mode))
+    got = decode_rgb(tf.constant(data)).numpy()
+    general = tf.io.decode_image(data, channels=0, expand_animations=False)
+    if general.shape[-1] == 1:
+        general = tf.image.grayscale_to_rgb(general)
+    assert got.shape == (24, 32, 3)
+    np.testing.assert_array_equal(got, general.numpy())
+    in_graph = tf.function(decode_rgb, input_signature=[tf.TensorSpec([], tf.string)])
+    np.testing.assert_array_equal(in_graph(tf.constant(data)).numpy(), got)
+    if mode != "L":  # CMYK comes back in its RGB colours (away from the edge JPEG blurs)
+        assert np.abs(got[:8].astype(int) - (200, 40, 40)).max() <= 3
+        assert np.abs(got[16:].astype(int) - (40, 40, 200)).max() <= 3
+
+
+def test_resize_averages_fine_detail_instead_of_aliasing():
+    # One-pixel black and white stripes shrunk 17x: an area average is an even grey, where a
+    # plain bilinear sample would land on whole stripes and keep them (aliasing).
+    stripes = np.zeros((17 * 16, 17 * 16, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = resize_rgb(tf.constant(stripes), 16).numpy()
+    # Each output column averages 17 input columns, 8 or 9 of them white.
+    assert set(np.unique(out)) == {round(255 * 8 / 17), round(255 * 9 / 17)}
+    plain = tf.image.resize(stripes, [16, 16], method="bilinear").numpy()
+    assert np.ptp(plain) > 200  # what the box filter prevents
+
+
+def test_resize_keeps_a_right_sized_image_and_grows_small_ones_smoothly():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_rgb(tf.constant(image), 32).numpy(), image)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    grown = resize_rgb(tf.constant(small), 32).numpy()
+    bilinear = tf.image.resize(small, [32, 32], method="bilinear").numpy()
+    np.testing.assert_array_equal(grown, np.clip(np.round(bilinear), 0, 255).astype(np.uint8))
+    # Mixed: a tall strip is shrunk in height and grown in width, both to the asked side.
+    strip = rng.integers(0, 256, (300, 5, 3), dtype=np.uint8)
+    assert resize_rgb(tf.constant(strip), 32).shape == (32, 32, 3)
+    assert resize_rgb(tf.constant(strip), 32, "crop").shape == (32, 32, 3)
 
 
 def test_decode_bomb_refused_before_decoding(tmp_path):

@@ -102,37 +102,42 @@ class AnimatedWebPError(JewelclfError, tf.errors.InvalidArgumentError):
 
 def _composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     # Transparent catalogue cut-outs are shown on white; the hidden RGB under alpha=0 is junk.
-    rgb = tf.cast(rgb, tf.float32)
-    a = tf.cast(alpha, tf.float32) / 255.0
-    out = rgb * a + 255.0 * (1.0 - a)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    # rgb * a + 255 * (1 - a) in the fewest full-size passes; it stays within 0..255.
+    a = tf.cast(alpha, tf.float32) * (1.0 / 255.0)
+    return tf.cast(tf.round((tf.cast(rgb, tf.float32) - 255.0) * a + 255.0), tf.uint8)
 
 
-def decode_rgb(encoded: tf.Tensor, source: str | None = None) -> tf.Tensor:
-    """Decode JPEG/PNG/GIF (first frame)/BMP/WebP bytes into uint8 RGB ``[H, W, 3]``.
+def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
 
-    Grayscale is expanded to RGB, and an alpha channel is composited onto white. 16-bit PNGs
-    are scaled to 8 bits. Works eagerly and inside ``tf.function`` / SavedModel graphs.
 
-    An animated WebP is never handed to TensorFlow's decoder (it would abort the process):
-    eagerly, :class:`AnimatedWebPError` is raised, naming ``source`` (the file) when given; in a
-    graph, an assertion that runs before the decode fails with :data:`ANIMATED_WEBP_REASON`
-    (an ``InvalidArgumentError``, which ``tf.data``'s ``ignore_errors`` drops like any
-    undecodable image).
-    """
-    if tf.executing_eagerly():
-        data = encoded if isinstance(encoded, (bytes, bytearray)) else None
-        if data is None and isinstance(encoded, tf.Tensor) and encoded.dtype == tf.string \
-                and encoded.shape.rank == 0:
-            data = encoded.numpy()
-        if data is not None and is_animated_webp(bytes(data)):
-            raise AnimatedWebPError(source)
-        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
-    else:
-        guard = tf.debugging.Assert(tf.logical_not(animated_webp_mask(encoded)), [ANIMATED_WEBP_REASON])
-        with tf.control_dependencies([guard]):
-            image = tf.io.decode_image(tf.identity(encoded), channels=0, dtype=tf.uint8,
-                                       expand_animations=False)
+def _decode_jpeg(encoded: tf.Tensor, min_side: int | None) -> tf.Tensor:
+    if min_side is None:
+        return tf.io.decode_jpeg(encoded, channels=3)
+    # libjpeg can decode straight to 1/2, 1/4 or 1/8 scale by dropping high DCT frequencies
+    # (a low-pass, so no aliasing), which skips most of the work for a big photo. Take the
+    # smallest scale that still leaves the short side at least `min_side`.
+    shape = tf.image.extract_jpeg_shape(encoded)
+    short = tf.minimum(shape[0], shape[1])
+    level = tf.add_n([tf.cast(short >= min_side * r, tf.int32) for r in (2, 4, 8)])
+    return tf.switch_case(level, [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r)
+                                  for r in (1, 2, 4, 8)])
+
+
+def _decode_any(encoded: tf.Tensor, min_side: int | None, guard: bool) -> tf.Tensor:
+    # JPEGs (nearly every catalogue photo) take libjpeg's own conversion to RGB, which covers
+    # grayscale and CMYK and gives the same pixels as the general path below at a fraction of
+    # its graph cost; a JPEG never has alpha, and is never an animated WebP.
+    return tf.cond(_is_jpeg(encoded), lambda: _decode_jpeg(encoded, min_side),
+                   lambda: _decode_with_alpha(encoded, guard))
+
+
+def _decode_with_alpha(encoded: tf.Tensor, guard: bool) -> tf.Tensor:
+    if guard:
+        check = tf.debugging.Assert(tf.logical_not(animated_webp_mask(encoded)), [ANIMATED_WEBP_REASON])
+        with tf.control_dependencies([check]):
+            encoded = tf.identity(encoded)
+    image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
     channels = tf.shape(image)[-1]
 
     def gray():
@@ -152,10 +157,42 @@ def decode_rgb(encoded: tf.Tensor, source: str | None = None) -> tf.Tensor:
     return out
 
 
-def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
-    """Resize uint8 RGB to ``[size, size, 3]`` uint8 (antialiased bilinear, rounded).
+def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | None = None) -> tf.Tensor:
+    """Decode JPEG/PNG/GIF (first frame)/BMP/WebP bytes into uint8 RGB ``[H, W, 3]``.
 
-    ``squash`` resizes the whole frame; ``crop`` takes the central square first.
+    Grayscale and CMYK are turned into RGB, and an alpha channel is composited onto white.
+    16-bit PNGs are scaled to 8 bits. Works eagerly and inside ``tf.function`` / SavedModel
+    graphs.
+
+    An animated WebP is never handed to TensorFlow's decoder (it would abort the process):
+    eagerly, :class:`AnimatedWebPError` is raised, naming ``source`` (the file) when given; in a
+    graph, an assertion that runs before the (non-JPEG) decode fails with
+    :data:`ANIMATED_WEBP_REASON`
+    (an ``InvalidArgumentError``, which ``tf.data``'s ``ignore_errors`` drops like any
+    undecodable image).
+    """
+    if tf.executing_eagerly():
+        data = encoded if isinstance(encoded, (bytes, bytearray)) else None
+        if data is None and isinstance(encoded, tf.Tensor) and encoded.dtype == tf.string \
+                and encoded.shape.rank == 0:
+            data = encoded.numpy()
+        if data is not None and is_animated_webp(bytes(data)):
+            raise AnimatedWebPError(source)
+        out = _decode_any(tf.convert_to_tensor(encoded, tf.string), min_side, guard=False)
+    else:
+        out = _decode_any(encoded, min_side, guard=True)
+    out.set_shape([None, None, 3])
+    return out
+
+
+def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
+    """Resize uint8 RGB to ``[size, size, 3]`` uint8, rounded.
+
+    ``squash`` resizes the whole frame; ``crop`` takes the central square first. Each side is
+    shrunk by area averaging (an exact box filter, so a 17x downscale of a fine chain does not
+    alias) and grown, where the photo is smaller than ``size``, bilinearly. Area averaging is
+    also closer to a Lanczos reference than antialiased bilinear, at a fraction of its cost
+    (BENCHMARKS.md, "Input pipeline").
     """
     if mode == "crop":
         shape = tf.shape(image)
@@ -163,11 +200,20 @@ def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
         top = (shape[0] - side) // 2
         left = (shape[1] - side) // 2
         image = image[top:top + side, left:left + side, :]
-    resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    shape = tf.shape(image)
+    shrunk = tf.image.resize(image, [tf.minimum(shape[0], size), tf.minimum(shape[1], size)],
+                             method="area")
+    resized = tf.cond(tf.reduce_all(shape[:2] >= size), lambda: shrunk,
+                      lambda: tf.image.resize(shrunk, [size, size], method="bilinear"))
+    # Both filters average 0..255 values, so the result needs rounding but no clipping.
+    return tf.cast(tf.round(resized), tf.uint8)
 
 
 def load_image(encoded: tf.Tensor, size: int, mode: str = "squash", source: str | None = None) -> tf.Tensor:
     """Encoded bytes to the model's input: uint8 ``[size, size, 3]``. ``source`` names the file
-    in the error for an animated WebP (see :func:`decode_rgb`)."""
-    return resize_rgb(decode_rgb(encoded, source), size, mode)
+    in the error for an animated WebP (see :func:`decode_rgb`).
+
+    A JPEG whose short side is at least twice ``size`` is decoded straight to a smaller scale
+    (1/2, 1/4 or 1/8, never below ``size``) before the resize.
+    """
+    return resize_rgb(decode_rgb(encoded, source, min_side=size), size, mode)

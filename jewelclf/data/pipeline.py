@@ -77,19 +77,28 @@ def encoded_dataset(source: DataSource, records: list[Record]) -> tf.data.Datase
     """(encoded bytes, label index) for ``records``; file order is kept."""
     if source.tfds is not None:
         return _tfds_encoded(source, records)
+    return _path_dataset(source, records).map(lambda p, y: (tf.io.read_file(p), y),
+                                              num_parallel_calls=AUTOTUNE)
+
+
+def _path_dataset(source: DataSource, records: list[Record]) -> tf.data.Dataset:
     class_index = {c: i for i, c in enumerate(source.class_names)}
     paths = [r.path for r in records]
     labels = [class_index[r.label] for r in records]
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
-    return ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
 
 
 def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, size: int,
                     cache: str = "none", cache_dir: Path | None = None, name: str = "data") -> tf.data.Dataset:
     """Unbatched (uint8 [size, size, 3], label) in a fixed order, cached as asked."""
-    ds = encoded_dataset(source, records).map(
-        lambda b, y: (load_image(b, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
-        deterministic=True)
+    if source.tfds is None:  # read and decode in one step: one pass of tf.data's overhead, not two
+        ds = _path_dataset(source, records).map(
+            lambda p, y: (load_image(tf.io.read_file(p), size, cfg.resize), y),
+            num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+        ds = encoded_dataset(source, records).map(
+            lambda b, y: (load_image(b, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
+            deterministic=True)
     if cache == "memory":
         ds = ds.cache()
     elif cache == "disk":
