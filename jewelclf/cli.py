@@ -304,7 +304,6 @@ def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_
     """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
     and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`."""
     from jewelclf.config import resolve
-    from jewelclf.training import describe_precision, precision_policy
     from jewelclf.tuning import load_space, tune
 
     overrides = _overrides(precision=precision, jit_compile=jit_compile)
@@ -314,17 +313,7 @@ def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_
                             f"{', '.join(given)}, or start a new search in another --run-dir")
     config = resolve(config_file, overrides) if config_file or not resume else None
     space = load_space(space_file) if space_file else None
-    # The config the trials train with: the given one, or the saved one of a resumed search.
-    saved = Path(run_dir) / "config.yaml"
-    base = config if config is not None else (resolve(saved) if saved.is_file() else resolve())
-    if base.train.distribute != "none":
-        raise JewelclfError(f"jewelclf tune trains each trial in one process, so "
-                            f"train.distribute must be none (got {base.train.distribute}); to "
-                            f"run trials on several machines use keras-tuner's distributed mode "
-                            f"(KERASTUNER_* variables)")
-    with precision_policy(base.train.precision) as resolved:
-        click.echo(describe_precision(base, resolved))
-        tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
+    tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
 
 
 # ---------------------------------------------------------------- jewelclf check (issue #6)

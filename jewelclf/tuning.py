@@ -540,10 +540,7 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
     every trial, and ``best_config.yaml``, ``tuning_report.md`` and the score plot at the end.
     In keras-tuner's distributed mode a worker only runs trials; the chief writes the results.
     """
-    from jewelclf import tune_report
-    from jewelclf.model import build_classifier
-    from jewelclf.training import (frozen_features, make_datasets, prepare_data,
-                                   stage1_uses_cached_features)
+    from jewelclf.training import describe_precision, precision_policy
 
     role = distributed_role()
     run_dir = Path(run_dir)
@@ -560,6 +557,27 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
         # Fail fast on a bad backbone name or image size, before touching run_dir.
         get_backbone(config.model.backbone).check_image_size(image_size(config))
         info = {}
+    if config.train.distribute != "none":
+        raise JewelclfError(f"jewelclf tune trains each trial in one process, so "
+                            f"train.distribute must be none (got {config.train.distribute}); to "
+                            f"run trials on several machines use keras-tuner's distributed mode "
+                            f"(KERASTUNER_* variables)")
+    with precision_policy(config.train.precision) as resolved:
+        log(describe_precision(config, resolved))
+        return _search(data_spec, run_dir, config, space, settings, info, role, resume, overwrite,
+                       started, log)
+
+
+def _search(data_spec: str, run_dir: Path, config: Config, space: Space, settings: Settings,
+            info: dict[str, Any], role: str | None, resume: bool, overwrite: bool, started: float,
+            log: Log) -> dict[str, Any]:
+    """The body of :func:`tune` once its config, space and settings are settled, under the
+    run's precision policy."""
+    from jewelclf import tune_report
+    from jewelclf.model import build_classifier
+    from jewelclf.training import (frozen_features, make_datasets, prepare_data,
+                                   stage1_uses_cached_features)
+
     if config.train.stage1.epochs + config.train.stage2.epochs == 0:
         raise JewelclfError("nothing to train: train.stage1.epochs and train.stage2.epochs are both 0")
     active, notes = effective_space(space, config)

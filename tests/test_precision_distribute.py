@@ -233,6 +233,7 @@ def test_tune_refuses_distribute(tmp_path):
     conf.write_text("train:\n  distribute: mirrored\n")
     line = _one_line_error(run("tune", tmp_path, "--run-dir", tmp_path / "t", "--config", conf))
     assert "train.distribute must be none" in line
+    assert not (tmp_path / "t").exists()  # refused before the run dir is touched
 
 
 def _free_ports(n: int) -> list[int]:
