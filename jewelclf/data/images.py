@@ -114,9 +114,10 @@ def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
 def _decode_jpeg(encoded: tf.Tensor, min_side: int | None) -> tf.Tensor:
     if min_side is None:
         return tf.io.decode_jpeg(encoded, channels=3)
-    # libjpeg can decode straight to 1/2, 1/4 or 1/8 scale by dropping high DCT frequencies
-    # (a low-pass, so no aliasing), which skips most of the work for a big photo. Take the
-    # smallest scale that still leaves the short side at least `min_side`.
+    # libjpeg can decode straight to 1/2, 1/4 or 1/8 scale by keeping only the low DCT
+    # frequencies of each block (in effect a low-pass filter, so the downscale does not alias),
+    # which skips most of the work for a big photo. Take the smallest scale that still leaves
+    # the short side at least `min_side`.
     shape = tf.image.extract_jpeg_shape(encoded)
     short = tf.minimum(shape[0], shape[1])
     level = tf.add_n([tf.cast(short >= min_side * r, tf.int32) for r in (2, 4, 8)])
@@ -162,14 +163,15 @@ def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | No
 
     Grayscale and CMYK are turned into RGB, and an alpha channel is composited onto white.
     16-bit PNGs are scaled to 8 bits. Works eagerly and inside ``tf.function`` / SavedModel
-    graphs.
+    graphs. With ``min_side``, a JPEG whose short side is at least twice ``min_side`` is decoded
+    at 1/2, 1/4 or 1/8 scale, the smallest that keeps its short side at least ``min_side``;
+    other images come back at full size.
 
     An animated WebP is never handed to TensorFlow's decoder (it would abort the process):
     eagerly, :class:`AnimatedWebPError` is raised, naming ``source`` (the file) when given; in a
     graph, an assertion that runs before the (non-JPEG) decode fails with
-    :data:`ANIMATED_WEBP_REASON`
-    (an ``InvalidArgumentError``, which ``tf.data``'s ``ignore_errors`` drops like any
-    undecodable image).
+    :data:`ANIMATED_WEBP_REASON` (an ``InvalidArgumentError``, which ``tf.data``'s
+    ``ignore_errors`` drops like any undecodable image).
     """
     if tf.executing_eagerly():
         data = encoded if isinstance(encoded, (bytes, bytearray)) else None
