@@ -1,0 +1,30 @@
+"""The input-pipeline benchmark runs with the project's own install and prints every row."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import make_class_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_input_pipeline_benchmark_prints_its_rows(tmp_path):
+    data = make_class_folder(tmp_path / "data", per_class=6)
+    rgba = np.zeros((80, 60, 4), np.uint8)
+    rgba[20:60, 10:50] = (200, 40, 40, 255)  # an opaque square on a transparent field
+    Image.fromarray(rgba).save(data / "ring" / "cutout.png")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "input_pipeline.py"), str(data), "--size", "32",
+         "--batch-size", "4", "--repeats", "1", "--by-format"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.startswith("19 images, 32 px, batch 4")
+    for row in ("bare decode+resize", "image_dataset_from_directory", "jewelclf (decoding)",
+                "previous jewelclf resize", "jewelclf (from cache)", "against the previous resize",
+                "JPEG (18)", "other (1)"):
+        assert row in out, (row, out)
