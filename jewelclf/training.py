@@ -216,8 +216,10 @@ def _scope(model: keras.Model):
     return model.distribute_strategy.scope()
 
 
-def _global_batch(model: keras.Model, config: Config) -> int:
-    return config.data.batch_size * model.distribute_strategy.num_replicas_in_sync
+def global_batch_size(config: Config, replicas: int) -> int:
+    """The batch the input pipelines make: ``data.batch_size`` is per replica, and a
+    tf.distribute strategy splits each global batch among its ``replicas``."""
+    return config.data.batch_size * replicas
 
 
 def _shard_by_data(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
@@ -323,8 +325,8 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
         t_features = time.perf_counter() - t0
         trainee = model.get_layer(HEAD)
         _compile(trainee, cfg.learning_rate, config)
-        batch = _global_batch(model, config)
         replicas = model.distribute_strategy.num_replicas_in_sync
+        batch = global_batch_size(config, replicas)
         feats = _shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
             len(x_train), seed=config.train.seed, reshuffle_each_iteration=True
         ).batch(batch), replicas)
@@ -459,7 +461,7 @@ def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log 
     """
     names = data.class_names
     size = image_size(config)
-    batch = config.data.batch_size * replicas
+    batch = global_batch_size(config, replicas)
     cache = choose_cache(config.data, len(data.train) + len(data.val), size)
     train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
     val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
@@ -879,7 +881,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
             model = build_classifier(config, len(names))
         datasets = make_datasets(data, config, run_dir / "cache", log, replicas=dist.replicas)
         if dist.strategy is not None:
-            log(f"global batch {config.data.batch_size * dist.replicas} = data.batch_size "
+            log(f"global batch {global_batch_size(config, dist.replicas)} = data.batch_size "
                 f"{config.data.batch_size} per replica x {dist.replicas} replica(s)")
         # A multi-worker run keeps no resume state: its workers' state is not all in run_dir.
         progress = Progress(run_dir) if dist.mode != "multi_worker" else None
