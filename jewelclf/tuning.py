@@ -539,6 +539,8 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
     ones must match them, except ``max_trials``, which may grow). Writes ``trials.csv`` after
     every trial, and ``best_config.yaml``, ``tuning_report.md`` and the score plot at the end.
     In keras-tuner's distributed mode a worker only runs trials; the chief writes the results.
+    Trials run under ``train.precision``'s dtype policy (restored afterwards); a config with
+    ``train.distribute`` other than ``none`` is refused, before ``run_dir`` is touched.
     """
     from jewelclf.training import describe_precision, precision_policy
 
