@@ -522,6 +522,20 @@ PARITY_SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+def keras_pixels_from_decoded(encoded: list[bytes], size: int, resize: str) -> np.ndarray:
+    """uint8 ``[n, size, size, 3]``: what ``serving_pixels`` feeds the model when a client sends
+    the images fully decoded. It equals :func:`keras_pixels` except for a JPEG with a short side
+    of at least ``2 * size``, which training (and ``serving_default``) decodes at a reduced DCT
+    scale: pixels that are already decoded can only be resized."""
+    import tensorflow as tf
+
+    from jewelclf.data.images import decode_rgb, resize_rgb
+
+    if not encoded:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([resize_rgb(decode_rgb(tf.constant(b)), size, resize).numpy() for b in encoded])
+
+
 def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: Path,
                          timeout: float = 600) -> dict[str, Any]:
     """Run the signatures of ``saved_model`` on ``images`` in a new Python process.
@@ -558,25 +572,34 @@ def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: P
 
 def compare_parity(run: RunModel, images: list[LabelledImage], child: dict[str, Any],
                    tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
-    """Compare the fresh process's signature outputs with the Keras model on the same images."""
-    keras_probs = keras_probabilities(run.model, keras_pixels([im.data for im in images],
-                                                              run.image_size, run.resize))
+    """Compare the fresh process's signature outputs with the Keras model on the same images.
+
+    ``serving_default`` gets the image bytes and is held to the Keras model on training's own
+    pixels; ``serving_pixels`` gets the fully decoded images and is held to the Keras model on
+    those pixels resized as training resizes (:func:`keras_pixels_from_decoded`).
+    """
+    encoded = [im.data for im in images]
+    keras_probs = keras_probabilities(run.model, keras_pixels(encoded, run.image_size, run.resize))
     keras_top1 = keras_probs.argmax(axis=1)
+    pixels_probs = keras_probabilities(
+        run.model, keras_pixels_from_decoded(encoded, run.image_size, run.resize))
     default = child["serving_default"]
     results: dict[str, Any] = {}
     problems: list[str] = []
     candidates = {
-        SERVING_DEFAULT: default,
-        SERVING_PIXELS: {key: [row[key][0] for row in child["serving_pixels"]] for key in OUTPUT_KEYS},
+        SERVING_DEFAULT: (default, keras_probs),
+        SERVING_PIXELS: ({key: [row[key][0] for row in child["serving_pixels"]] for key in OUTPUT_KEYS},
+                         pixels_probs),
     }
-    for name, out in candidates.items():
-        probs = np.asarray(out["probabilities"], np.float32).reshape(keras_probs.shape)
+    for name, (out, ref) in candidates.items():
+        ref_top1 = ref.argmax(axis=1)
+        probs = np.asarray(out["probabilities"], np.float32).reshape(ref.shape)
         top1 = probs.argmax(axis=1)
-        diff = float(np.abs(probs - keras_probs).max()) if probs.size else 0.0
-        agree = int((top1 == keras_top1).sum())
-        names_ok = all(row[0] == run.class_names[t] for row, t in zip(out["classes"], keras_top1))
+        diff = float(np.abs(probs - ref).max()) if probs.size else 0.0
+        agree = int((top1 == ref_top1).sum())
+        names_ok = all(row[0] == run.class_names[t] for row, t in zip(out["classes"], ref_top1))
         scores_ok = bool(np.allclose(np.asarray(out["scores"], np.float32)[:, 0],
-                                     keras_probs.max(axis=1), atol=tolerance, rtol=0))
+                                     ref.max(axis=1), atol=tolerance, rtol=0))
         valid_ok = all(bool(v) for v in out["valid"])
         results[name] = {"max_abs_diff": diff, "top1_agree": agree, "images": len(images),
                          "class_names_match": names_ok, "scores_match": scores_ok,

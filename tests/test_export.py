@@ -175,6 +175,34 @@ def test_next_version_and_refusal_to_overwrite(exported, tiny_run, tmp_path):
     assert ex.list_versions(base) == [1, 2]
 
 
+def test_parity_holds_for_large_jpegs_that_training_decodes_at_reduced_scale(tiny_run, run, tmp_path):
+    """A JPEG with a short side of at least twice the input side is decoded at a DCT scale by
+    training and by serving_default, but serving_pixels gets it fully decoded: each signature is
+    held to the Keras model on its own pixels, and both checks pass."""
+    data = tmp_path / "big"
+    colours = {"necklace": (200, 200, 60), "ring": (200, 60, 60), "watch": (60, 60, 200)}
+    big = []
+    for i, label in enumerate(run.class_names):
+        (data / label).mkdir(parents=True)
+        for j in range(2):
+            b = encode(noisy((150, 170, 3), 100 * i + j, colours.get(label, (128, 128, 128))), "JPEG",
+                       quality=90)
+            (data / label / f"{j}.jpg").write_bytes(b)
+            big.append(b)
+    scaled = np.stack([load_image(tf.constant(b), run.image_size, run.resize).numpy() for b in big])
+    full = np.stack([resize_rgb(decode_rgb(tf.constant(b)), run.image_size, run.resize).numpy()
+                     for b in big])
+    assert not np.array_equal(scaled, full)  # the two paths do see different pixels here
+    r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(tmp_path / "m"),
+                                  "--parity-data", str(data)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "m" / "1" / ex.REPORT).read_text())
+    signatures = report["parity"]["signatures"]
+    for name in ("serving_default", "serving_pixels"):
+        assert signatures[name]["top1_agree"] == signatures[name]["images"] == len(big)
+        assert signatures[name]["max_abs_diff"] <= 1e-4
+
+
 def test_list_versions_and_stale_temp_cleanup(tmp_path):
     for name in ("3", "10", "notes", "7.bak", f"{ex.TMP_PREFIX}999999-ab"):
         (tmp_path / name).mkdir()
