@@ -73,15 +73,8 @@ def tfds_bytes(source: DataSource):
     return read
 
 
-def encoded_dataset(source: DataSource, records: list[Record]) -> tf.data.Dataset:
-    """(encoded bytes, label index) for ``records``; file order is kept."""
-    if source.tfds is not None:
-        return _tfds_encoded(source, records)
-    return _path_dataset(source, records).map(lambda p, y: (tf.io.read_file(p), y),
-                                              num_parallel_calls=AUTOTUNE)
-
-
 def _path_dataset(source: DataSource, records: list[Record]) -> tf.data.Dataset:
+    """(file path, label index) for ``records`` of a file source, in their order."""
     class_index = {c: i for i, c in enumerate(source.class_names)}
     paths = [r.path for r in records]
     labels = [class_index[r.label] for r in records]
@@ -92,13 +85,11 @@ def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, 
                     cache: str = "none", cache_dir: Path | None = None, name: str = "data") -> tf.data.Dataset:
     """Unbatched (uint8 [size, size, 3], label) in a fixed order, cached as asked."""
     if source.tfds is None:  # read and decode in one step: one pass of tf.data's overhead, not two
-        ds = _path_dataset(source, records).map(
-            lambda p, y: (load_image(tf.io.read_file(p), size, cfg.resize), y),
-            num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds, read = _path_dataset(source, records), tf.io.read_file
     else:
-        ds = encoded_dataset(source, records).map(
-            lambda b, y: (load_image(b, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
-            deterministic=True)
+        ds, read = _tfds_encoded(source, records), tf.identity
+    ds = ds.map(lambda x, y: (load_image(read(x), size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
     if cache == "memory":
         ds = ds.cache()
     elif cache == "disk":
