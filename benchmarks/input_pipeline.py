@@ -3,12 +3,13 @@
 - ``bare``: read, ``tf.io.decode_image`` and ``tf.image.resize`` mapped in parallel, nothing
   else (the practical limit of decoding these files on this machine);
 - ``keras``: ``keras.utils.image_dataset_from_directory`` at the same size and batch;
-- ``jewelclf``: ``decoded_dataset`` + ``batched`` as ``fit`` uses them (decode with alpha,
-  grayscale and CMYK handling, area-averaged resize, uint8 rounding, batching, float cast,
-  prefetch), first pass (decoding) and a second pass from the cache (what every later epoch
-  costs);
-- ``previous``: the same pipeline with the decode and resize jewelclf used before 2026-11-23
-  (every image decoded at full size, then an antialiased bilinear resize), for the speed-up.
+- ``jewelclf``: ``decoded_dataset`` + ``batched`` as ``fit`` uses them (JPEGs routed past the
+  format dispatch, alpha composited after the resize, grayscale and CMYK handling, box or
+  bilinear resize, uint8 rounding, batching, float cast, prefetch), first pass (decoding) and a
+  second pass from the cache (what every later epoch costs);
+- ``previous``: the same pipeline with the decode and resize of 2026-11-23 (a ``tf.cond`` on
+  the format for every image, area-averaged resize at every scale, alpha composited at full
+  size in float32), for the speed-up.
 
 Two figures per pipeline: wall-clock img/s (what a run sees) and images per CPU-second (the
 process's CPU time over the same pass, which steal and scheduling noise on a shared VM move much
@@ -101,10 +102,21 @@ def main() -> None:
         return consume(ds)
 
     def previous():
+        from jewelclf.data.images import _composite_full_size, _decode
+
+        def area_resize(image):
+            shape = tf.shape(image)
+            shrunk = tf.image.resize(image, [tf.minimum(shape[0], size), tf.minimum(shape[1], size)],
+                                     method="area")
+            resized = tf.cond(tf.reduce_all(shape[:2] >= size), lambda: shrunk,
+                              lambda: tf.image.resize(shrunk, [size, size], method="bilinear"))
+            return tf.cast(tf.round(resized), tf.uint8)
+
         def load(p):
-            image = decode_rgb(tf.io.read_file(p))
-            resized = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-            return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+            out = _decode(tf.io.read_file(p), size, True, area_resize,
+                          lambda image: area_resize(_composite_full_size(image)))
+            out.set_shape([size, size, 3])
+            return out
 
         labels = tf.zeros([len(paths)], tf.int32)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
@@ -126,12 +138,12 @@ def main() -> None:
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"{'pipeline':<28} {'img/s':>8} {'vs bare':>8} {'img/CPU-s':>10} {'vs bare':>8}")
     for name, label in zip(names, ("bare decode+resize", "image_dataset_from_directory",
-                                   "jewelclf (decoding)", "previous jewelclf resize")):
+                                   "jewelclf (decoding)", "jewelclf of 2026-11-23")):
         print(f"{label:<28} {med[name]:8.1f} {med[name] / med['bare']:8.2f} "
               f"{med_cpu[name]:10.1f} {med_cpu[name] / med_cpu['bare']:8.2f}")
     print(f"{'jewelclf (from cache)':<28} {n / cache_pass:8.1f} {n / cache_pass / med['bare']:8.2f} "
           f"{n / cache_cpu:10.1f} {n / cache_cpu / med_cpu['bare']:8.2f}")
-    print(f"jewelclf's decoding pass against the previous resize: x{med['jewelclf'] / med['previous']:.2f} "
+    print(f"jewelclf's decoding pass against 2026-11-23's: x{med['jewelclf'] / med['previous']:.2f} "
           f"wall, x{med_cpu['jewelclf'] / med_cpu['previous']:.2f} per CPU-second")
     print(f"(median of {args.repeats} passes each, interleaved; cache fill pass {n / fill:.1f} img/s)")
     if args.by_format:
@@ -139,14 +151,16 @@ def main() -> None:
 
 
 def by_format(paths: list[str], size: int, repeats: int) -> None:
-    """CPU milliseconds per image of the bare decode+resize and of jewelclf's ``load_image``,
-    for the JPEGs and for the other files apart: one thread, the bytes already in memory."""
-    from jewelclf.data.images import load_image, sniff_format
+    """CPU milliseconds per image of the bare decode+resize and of jewelclf's decode+resize
+    (``load_jpeg`` for JPEGs, ``load_image`` for the rest), for the JPEGs and for the other
+    files apart: one thread, the bytes already in memory."""
+    from jewelclf.data.images import load_image, load_jpeg, sniff_format
 
     encoded = [open(p, "rb").read() for p in paths]
     groups = {"JPEG": [b for b in encoded if sniff_format(b[:16]) == "JPEG"]}
     groups["other"] = [b for b in encoded if sniff_format(b[:16]) != "JPEG"]
-    fns = {"bare": lambda b: bare_image(b, size), "jewelclf": lambda b: load_image(b, size)}
+    # JPEGs go through load_jpeg, as decoded_dataset routes the files the data check found to be JPEGs.
+    ours = {"JPEG": load_jpeg, "other": load_image}
     options = tf.data.Options()
     options.autotune.enabled = False
     print(f"{'files':<16} {'bare ms':>8} {'jewelclf ms':>12} {'ratio':>6}   (CPU ms per image, one thread)")
@@ -154,6 +168,7 @@ def by_format(paths: list[str], size: int, repeats: int) -> None:
         if not items:
             continue
         ms = {}
+        fns = {"bare": lambda b: bare_image(b, size), "jewelclf": lambda b, load=ours[group]: load(b, size)}
         for name, fn in fns.items():
             runs = []
             for _ in range(repeats):

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import CLASSES, make_class_folder, make_csv, make_image, make_split_folder
 from jewelclf.config import DataConfig
 from jewelclf.data.check import check_file, check_records
-from jewelclf.data.images import decode_rgb, load_image, resize_rgb
+from jewelclf.data.images import decode_rgb, load_image, load_jpeg, resize_rgb
 from jewelclf.data.pipeline import batched, decoded_dataset
 from jewelclf.data.sources import Record, load_source
 from jewelclf.data.splits import assign_splits
@@ -251,6 +251,53 @@ def test_resize_keeps_a_right_sized_image_and_grows_small_ones_smoothly():
     assert resize_rgb(tf.constant(strip), 32, "crop").shape == (32, 32, 3)
 
 
+def test_resize_below_a_2x_shrink_is_bilinear():
+    # A side under twice the target reads every input pixel with bilinear interpolation (closer
+    # to a Lanczos reference there than the box filter); from 2x on, the box filter takes over.
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (50, 63, 3), dtype=np.uint8)
+    bilinear = tf.image.resize(image, [32, 32], method="bilinear").numpy()
+    np.testing.assert_array_equal(resize_rgb(tf.constant(image), 32).numpy(),
+                                  np.round(bilinear).astype(np.uint8))
+    tall = rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)
+    area_then_grow = tf.image.resize(tf.image.resize(tall, [32, 32], method="area"), [32, 32]).numpy()
+    np.testing.assert_array_equal(resize_rgb(tf.constant(tall), 32).numpy(),
+                                  np.round(area_then_grow).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["squash", "crop"])
+@pytest.mark.parametrize("shape", [(90, 70), (40, 52), (20, 150)])  # area, bilinear, both
+@pytest.mark.parametrize("color", ["RGBA", "LA"])
+def test_load_image_composites_after_the_resize_as_if_before(shape, color, mode):
+    # load_image resizes the premultiplied image and composites the small result; that must be
+    # what compositing the full image onto white and then resizing gives, within the one grey
+    # level that the skipped full-size rounding can move.
+    rng = np.random.default_rng(2)
+    h, w = shape
+    channels = 4 if color == "RGBA" else 2
+    pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    pixels[..., -1] = np.where(rng.random((h, w)) < 0.4, 0, pixels[..., -1])  # holes, as cut-outs have
+    pixels[: h // 3, :, -1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels.squeeze() if channels == 4 else pixels, color).save(buf, "PNG")
+    data = tf.constant(buf.getvalue())
+    expected = resize_rgb(decode_rgb(data), 32, mode).numpy().astype(int)
+    got = load_image(data, 32, mode).numpy()
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    if color == "LA":
+        assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
+    in_graph = tf.function(lambda b: load_image(b, 32, mode), input_signature=[tf.TensorSpec([], tf.string)])
+    np.testing.assert_array_equal(in_graph(data).numpy(), got)
+
+
+@pytest.mark.parametrize("mode", ["squash", "crop"])
+@pytest.mark.parametrize("shape", [(40, 48), (130, 70), (300, 260)])  # full, 1/2 and 1/4 DCT scale
+def test_load_jpeg_gives_load_images_pixels(shape, mode):
+    data = tf.constant(_jpeg(make_image("ring", 3, size=shape)))
+    np.testing.assert_array_equal(load_jpeg(data, 32, mode).numpy(), load_image(data, 32, mode).numpy())
+
+
 def test_decode_bomb_refused_before_decoding(tmp_path):
     p = tmp_path / "bomb.png"
     Image.new("L", (6000, 6000)).save(p)       # 36 MP of zeros: a small file
@@ -266,6 +313,34 @@ def test_unreadable_and_folder_named_like_image(tmp_path):
 
 
 # ---------------------------------------------------------------- pipeline
+
+
+def test_checked_jpegs_skip_the_format_dispatch_and_keep_the_records_order(tmp_path, monkeypatch):
+    # After the data check, records carry their format; the pipeline decodes the JPEGs with
+    # load_jpeg and the rest with load_image, and merges them back in the records' order.
+    root = make_class_folder(tmp_path / "d", per_class=3)
+    transparent = np.zeros((40, 48, 4), np.uint8)
+    transparent[..., 0] = 200
+    transparent[10:30, 10:30, 3] = 255
+    Image.fromarray(transparent, "RGBA").save(root / "ring" / "cutout.png")
+    Image.fromarray(np.full((30, 30), 90, np.uint8), "L").save(root / "watch" / "gray.gif")
+    (root / "ring" / "really_a_jpeg.png").write_bytes(_jpeg(make_image("ring", 7)))
+    src = load_source(str(root))
+    checks = check_records(src.records, 10**8, 8)
+    records = [c.record for c in checks if c.ok]
+    assert {r.key: r.format for r in records if not r.key.endswith(".jpg")} == {
+        "ring/cutout.png": "PNG", "watch/gray.gif": "GIF", "ring/really_a_jpeg.png": "JPEG"}
+    assert records == src.records  # the format is not part of a record's identity
+
+    import jewelclf.data.pipeline as pipeline_mod
+    jpeg_calls = []
+    monkeypatch.setattr(pipeline_mod, "load_jpeg", lambda b, *a: jpeg_calls.append(1) or load_jpeg(b, *a))
+    got = list(decoded_dataset(src, records, DataConfig(), 24))
+    assert len(jpeg_calls) == 1  # traced once, for the JPEG stream
+    assert len(got) == len(records)
+    for (x, y), r in zip(got, records):
+        assert int(y) == src.class_names.index(r.label), r.key
+        np.testing.assert_array_equal(x.numpy(), load_image(tf.io.read_file(r.path), 24).numpy(), r.key)
 
 
 def test_pipeline_matches_load_image_and_batches(tmp_path):

@@ -25,6 +25,6 @@ def test_input_pipeline_benchmark_prints_its_rows(tmp_path):
     out = result.stdout
     assert out.startswith("19 images, 32 px, batch 4")
     for row in ("bare decode+resize", "image_dataset_from_directory", "jewelclf (decoding)",
-                "previous jewelclf resize", "jewelclf (from cache)", "against the previous resize",
+                "jewelclf of 2026-11-23", "jewelclf (from cache)", "against 2026-11-23's",
                 "JPEG (18)", "other (1)"):
         assert row in out, (row, out)

@@ -15,7 +15,7 @@ import stat
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tensorflow as tf
@@ -119,7 +119,7 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
         decode_rgb(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
         return FileCheck(record, False, f"corrupt {fmt}: {_first_line(e)}", fmt, width, height)
-    return FileCheck(record, True, "", fmt, width, height)
+    return FileCheck(replace(record, format=fmt), True, "", fmt, width, height)
 
 
 def read_file_bytes(record: Record) -> tuple[bytes | None, FileCheck | None]:

@@ -107,6 +107,14 @@ def _composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round((tf.cast(rgb, tf.float32) - 255.0) * a + 255.0), tf.uint8)
 
 
+def _composite_full_size(image: tf.Tensor) -> tf.Tensor:
+    """Gray+alpha or RGB+alpha uint8 composited onto white, at full size."""
+    color = image[..., :-1]
+    if image.shape[-1] == 2:
+        color = tf.image.grayscale_to_rgb(color)
+    return _composite_on_white(color, image[..., -1:])
+
+
 def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
     return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
 
@@ -125,15 +133,17 @@ def _decode_jpeg(encoded: tf.Tensor, min_side: int | None) -> tf.Tensor:
                                   for r in (1, 2, 4, 8)])
 
 
-def _decode_any(encoded: tf.Tensor, min_side: int | None, guard: bool) -> tf.Tensor:
+def _decode(encoded: tf.Tensor, min_side: int | None, guard: bool, opaque, transparent) -> tf.Tensor:
+    """Decode, then finish the image with ``opaque(rgb)`` (uint8 RGB) or, where it has an alpha
+    channel, ``transparent(image)`` (uint8 gray+alpha or RGB+alpha)."""
     # JPEGs (nearly every catalogue photo) take libjpeg's own conversion to RGB, which covers
     # grayscale and CMYK and gives the same pixels as the general path below at a fraction of
     # its graph cost; a JPEG never has alpha, and is never an animated WebP.
-    return tf.cond(_is_jpeg(encoded), lambda: _decode_jpeg(encoded, min_side),
-                   lambda: _decode_with_alpha(encoded, guard))
+    return tf.cond(_is_jpeg(encoded), lambda: opaque(_decode_jpeg(encoded, min_side)),
+                   lambda: _decode_other(encoded, guard, opaque, transparent))
 
 
-def _decode_with_alpha(encoded: tf.Tensor, guard: bool) -> tf.Tensor:
+def _decode_other(encoded: tf.Tensor, guard: bool, opaque, transparent) -> tf.Tensor:
     if guard:
         check = tf.debugging.Assert(tf.logical_not(animated_webp_mask(encoded)), [ANIMATED_WEBP_REASON])
         with tf.control_dependencies([check]):
@@ -141,21 +151,31 @@ def _decode_with_alpha(encoded: tf.Tensor, guard: bool) -> tf.Tensor:
     image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
     channels = tf.shape(image)[-1]
 
-    def gray():
-        return tf.image.grayscale_to_rgb(image[..., :1])
-
     def gray_alpha():
-        return _composite_on_white(tf.image.grayscale_to_rgb(image[..., :1]), image[..., 1:2])
-
-    def rgb():
-        return image[..., :3]
+        out = image[..., :2]
+        out.set_shape([None, None, 2])
+        return transparent(out)
 
     def rgba():
-        return _composite_on_white(image[..., :3], image[..., 3:4])
+        out = image[..., :4]
+        out.set_shape([None, None, 4])
+        return transparent(out)
 
-    out = tf.switch_case(tf.clip_by_value(channels - 1, 0, 3), [gray, gray_alpha, rgb, rgba])
-    out.set_shape([None, None, 3])
-    return out
+    branches = [lambda: opaque(tf.image.grayscale_to_rgb(image[..., :1])), gray_alpha,
+                lambda: opaque(image[..., :3]), rgba]
+    return tf.switch_case(tf.clip_by_value(channels - 1, 0, 3), branches)
+
+
+def _refuse_animated_webp_eagerly(encoded, source: str | None) -> tf.Tensor:
+    """Eagerly, raise :class:`AnimatedWebPError` before TensorFlow's decoder sees one; return
+    the bytes as a string tensor."""
+    data = encoded if isinstance(encoded, (bytes, bytearray)) else None
+    if data is None and isinstance(encoded, tf.Tensor) and encoded.dtype == tf.string \
+            and encoded.shape.rank == 0:
+        data = encoded.numpy()
+    if data is not None and is_animated_webp(bytes(data)):
+        raise AnimatedWebPError(source)
+    return tf.convert_to_tensor(encoded, tf.string)
 
 
 def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | None = None) -> tf.Tensor:
@@ -173,49 +193,122 @@ def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | No
     :data:`ANIMATED_WEBP_REASON` (an ``InvalidArgumentError``, which ``tf.data``'s
     ``ignore_errors`` drops like any undecodable image).
     """
-    if tf.executing_eagerly():
-        data = encoded if isinstance(encoded, (bytes, bytearray)) else None
-        if data is None and isinstance(encoded, tf.Tensor) and encoded.dtype == tf.string \
-                and encoded.shape.rank == 0:
-            data = encoded.numpy()
-        if data is not None and is_animated_webp(bytes(data)):
-            raise AnimatedWebPError(source)
-        out = _decode_any(tf.convert_to_tensor(encoded, tf.string), min_side, guard=False)
-    else:
-        out = _decode_any(encoded, min_side, guard=True)
+    eager = tf.executing_eagerly()
+    if eager:
+        encoded = _refuse_animated_webp_eagerly(encoded, source)
+    out = _decode(encoded, min_side, not eager, lambda rgb: rgb, _composite_full_size)
     out.set_shape([None, None, 3])
     return out
+
+
+def _center_square(image: tf.Tensor) -> tf.Tensor:
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    top = (shape[0] - side) // 2
+    left = (shape[1] - side) // 2
+    return image[top:top + side, left:left + side, :]
+
+
+def _resize_float(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Any-dtype ``[H, W, C]`` to float32 ``[size, size, C]``: box filter where a side shrinks 2x
+    or more, bilinear otherwise."""
+    shape = tf.shape(image)
+
+    def area_first():
+        shrunk = tf.image.resize(image, [tf.minimum(shape[0], size), tf.minimum(shape[1], size)],
+                                 method="area")
+        return tf.cond(tf.reduce_all(shape[:2] >= size), lambda: shrunk,
+                       lambda: tf.image.resize(shrunk, [size, size], method="bilinear"))
+
+    # Below a 2x shrink, bilinear interpolation reads every input pixel anyway and stays
+    # closer to a Lanczos reference than the box filter (BENCHMARKS.md, "Input pipeline").
+    return tf.cond(tf.reduce_any(shape[:2] >= 2 * size), area_first,
+                   lambda: tf.image.resize(image, [size, size], method="bilinear"))
+
+
+def _to_uint8(pixels: tf.Tensor) -> tf.Tensor:
+    # Both filters average 0..255 values, so the result needs rounding but no clipping.
+    return tf.cast(tf.round(pixels), tf.uint8)
 
 
 def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     """Resize uint8 RGB to ``[size, size, 3]`` uint8, rounded.
 
-    ``squash`` resizes the whole frame; ``crop`` takes the central square first. Each side is
-    shrunk by area averaging (an exact box filter, so a 17x downscale of a fine chain does not
-    alias) and grown, where the photo is smaller than ``size``, bilinearly. Area averaging is
-    also closer to a Lanczos reference than antialiased bilinear, at a fraction of its cost
-    (BENCHMARKS.md, "Input pipeline").
+    ``squash`` resizes the whole frame; ``crop`` takes the central square first. A side that
+    shrinks by 2x or more is shrunk by area averaging (an exact box filter, so a 17x downscale
+    of a fine chain does not alias), then grown bilinearly if the other side is smaller than
+    ``size``; otherwise the resize is bilinear. Together they are closer to a Lanczos reference
+    than antialiased bilinear, at a fraction of its cost (BENCHMARKS.md, "Input pipeline").
     """
     if mode == "crop":
-        shape = tf.shape(image)
-        side = tf.minimum(shape[0], shape[1])
-        top = (shape[0] - side) // 2
-        left = (shape[1] - side) // 2
-        image = image[top:top + side, left:left + side, :]
-    shape = tf.shape(image)
-    shrunk = tf.image.resize(image, [tf.minimum(shape[0], size), tf.minimum(shape[1], size)],
-                             method="area")
-    resized = tf.cond(tf.reduce_all(shape[:2] >= size), lambda: shrunk,
-                      lambda: tf.image.resize(shrunk, [size, size], method="bilinear"))
-    # Both filters average 0..255 values, so the result needs rounding but no clipping.
-    return tf.cast(tf.round(resized), tf.uint8)
+        image = _center_square(image)
+    return _to_uint8(_resize_float(image, size))
+
+
+def _alpha_in_every_channel(image: tf.Tensor) -> tf.Tensor:
+    """Gray+alpha or RGB+alpha uint8 ``[H, W, C]`` to its alpha repeated in all ``C`` channels.
+
+    Each pixel's bytes are read as one 16- or 32-bit word, so the alpha byte is picked out and
+    copied with a shift, a mask and a multiply over contiguous words: several times cheaper
+    than slicing a channel and broadcasting it. The alpha byte's place in the word depends on
+    the machine's byte order, which the graph reads for itself, so an export stays right on
+    any machine.
+    """
+    channels = image.shape[-1]
+    word = {2: tf.uint16, 4: tf.uint32}[channels]
+    little_endian = tf.equal(tf.bitcast(tf.constant([1] + [0] * (channels - 1), tf.uint8), word), 1)
+    shift = tf.where(little_endian, tf.constant(8 * (channels - 1), word), tf.constant(0, word))
+    alpha = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(image, word), shift),
+                                   tf.constant(0xFF, word))
+    return tf.bitcast(alpha * tf.constant(sum(1 << (8 * i) for i in range(channels)), word), tf.uint8)
+
+
+def _resize_composited(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
+    """Gray+alpha or RGB+alpha uint8 to the RGB that :func:`resize_rgb` would make of it
+    composited onto white, without a full-size float pass.
+
+    Compositing is 255 - (255 - color) * alpha / 255, and both resize filters are weighted
+    averages, so the resize can run on the premultiplied (255 - color) * alpha (exact in
+    uint16) and the rest on the small result. It skips the rounding to uint8 at full size, so
+    a pixel can differ from compositing first by one grey level.
+    """
+    if mode == "crop":
+        image = _center_square(image)
+    # Every channel times alpha; the alpha channel's own product is dropped after the resize.
+    premultiplied = (255 - tf.cast(image, tf.uint16)) * tf.cast(_alpha_in_every_channel(image), tf.uint16)
+    color = 255.0 - _resize_float(premultiplied, size)[..., :-1] * (1.0 / 255.0)
+    if image.shape[-1] == 2:
+        color = tf.image.grayscale_to_rgb(color)
+    return _to_uint8(color)
 
 
 def load_image(encoded: tf.Tensor, size: int, mode: str = "squash", source: str | None = None) -> tf.Tensor:
     """Encoded bytes to the model's input: uint8 ``[size, size, 3]``. ``source`` names the file
     in the error for an animated WebP (see :func:`decode_rgb`).
 
-    A JPEG whose short side is at least twice ``size`` is decoded straight to a smaller scale
-    (1/2, 1/4 or 1/8, never below ``size``) before the resize.
+    The pixels are :func:`resize_rgb` of :func:`decode_rgb`'s, with two shortcuts: a JPEG whose
+    short side is at least twice ``size`` is decoded straight to a smaller scale (1/2, 1/4 or
+    1/8, never below ``size``), and an image with alpha is composited after the resize
+    (:func:`_resize_composited`).
     """
-    return resize_rgb(decode_rgb(encoded, source, min_side=size), size, mode)
+    eager = tf.executing_eagerly()
+    if eager:
+        encoded = _refuse_animated_webp_eagerly(encoded, source)
+    out = _decode(encoded, size, not eager, lambda rgb: resize_rgb(rgb, size, mode),
+                  lambda image: _resize_composited(image, size, mode))
+    out.set_shape([size, size, 3])
+    return out
+
+
+def load_jpeg(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
+    """:func:`load_image` for bytes already known to be a JPEG (the data check read their
+    format): the same pixels, without the format dispatch.
+
+    That dispatch is a ``tf.cond`` whose untaken branch (the decoders of every other format)
+    still costs a ``tf.data`` map about 0.5 ms an image on a 2-core CPU, as much as decoding a
+    typical catalogue photo (BENCHMARKS.md, "Input pipeline"). Bytes that are not a JPEG fail
+    to decode (``InvalidArgumentError``).
+    """
+    out = resize_rgb(_decode_jpeg(encoded, size), size, mode)
+    out.set_shape([size, size, 3])
+    return out

@@ -13,7 +13,7 @@ from typing import Iterator
 import tensorflow as tf
 
 from jewelclf.config import DataConfig
-from jewelclf.data.images import load_image
+from jewelclf.data.images import load_image, load_jpeg
 from jewelclf.data.sources import DataSource, Record
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -84,12 +84,11 @@ def _path_dataset(source: DataSource, records: list[Record]) -> tf.data.Dataset:
 def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, size: int,
                     cache: str = "none", cache_dir: Path | None = None, name: str = "data") -> tf.data.Dataset:
     """Unbatched (uint8 [size, size, 3], label) in a fixed order, cached as asked."""
-    if source.tfds is None:  # read and decode in one step: one pass of tf.data's overhead, not two
-        ds, read = _path_dataset(source, records), tf.io.read_file
+    if source.tfds is None:
+        ds = _decoded_files(source, records, size, cfg.resize)
     else:
-        ds, read = _tfds_encoded(source, records), tf.identity
-    ds = ds.map(lambda x, y: (load_image(read(x), size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
-                deterministic=True)
+        ds = _tfds_encoded(source, records).map(lambda x, y: (load_image(x, size, cfg.resize), y),
+                                                num_parallel_calls=AUTOTUNE, deterministic=True)
     if cache == "memory":
         ds = ds.cache()
     elif cache == "disk":
@@ -97,6 +96,25 @@ def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, 
         cache_dir.mkdir(parents=True, exist_ok=True)
         ds = ds.cache(str(cache_dir / name))
     return ds
+
+
+def _decoded_files(source: DataSource, records: list[Record], size: int, mode: str) -> tf.data.Dataset:
+    # Files the data check found to be JPEGs (nearly every catalogue photo) are decoded by
+    # load_jpeg, without load_image's format dispatch; the rest by load_image. Each file is read
+    # and decoded in one map step, and the two streams are merged back into the records' order.
+    def read_with(load):
+        return lambda path, label: (load(tf.io.read_file(path), size, mode), label)
+
+    jpeg = [r.format == "JPEG" for r in records]
+    if all(jpeg) or not any(jpeg):
+        load = load_jpeg if records and all(jpeg) else load_image
+        return _path_dataset(source, records).map(read_with(load), num_parallel_calls=AUTOTUNE,
+                                                  deterministic=True)
+    streams = [_path_dataset(source, [r for r, j in zip(records, jpeg) if j == want])
+               .map(read_with(load), num_parallel_calls=AUTOTUNE, deterministic=True)
+               for want, load in ((True, load_jpeg), (False, load_image))]
+    choice = tf.data.Dataset.from_tensor_slices(tf.constant([0 if j else 1 for j in jpeg], tf.int64))
+    return tf.data.Dataset.choose_from_datasets(streams, choice)
 
 
 def choose_cache(cfg: DataConfig, n_images: int, size: int) -> str:

@@ -37,6 +37,9 @@ class Record:
     label: str
     split: str | None = None
     group: str | None = None
+    format: str | None = field(default=None, compare=False)
+    """The format the data check read from the bytes (``JPEG``, ``PNG``, ...); ``None`` until
+    checked. Not part of the record's identity."""
 
 
 @dataclass
