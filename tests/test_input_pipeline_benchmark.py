@@ -28,3 +28,18 @@ def test_input_pipeline_benchmark_prints_its_rows(tmp_path):
                 "jewelclf of 2026-11-23", "jewelclf (from cache)", "against 2026-11-23's",
                 "JPEG (18)", "other (1)"):
         assert row in out, (row, out)
+
+
+def test_input_routing_benchmark_prints_its_rows(tmp_path):
+    data = make_class_folder(tmp_path / "data", per_class=3)
+    Image.fromarray(np.zeros((40, 30, 4), np.uint8)).save(data / "ring" / "cutout.png")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "input_routing.py"), str(data), "--size", "32",
+         "--batch-size", "4", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.startswith("10 images (9 JPEG), 32 px, batch 4")
+    for row in ("all files, routed", "all files, format tf.cond", "JPEGs, routed",
+                "JPEGs, format tf.cond", "JPEGs: routed x"):
+        assert row in out, (row, out)
