@@ -305,7 +305,7 @@ def load_jpeg(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     format): the same pixels, without the format dispatch.
 
     That dispatch is a ``tf.cond`` whose untaken branch (the decoders of every other format)
-    still costs a ``tf.data`` map about 0.5 ms an image on a 2-core CPU, as much as decoding a
+    still costs a ``tf.data`` map about 0.4 ms an image on a 2-core CPU, a third of decoding a
     typical catalogue photo (BENCHMARKS.md, "Input pipeline"). Bytes that are not a JPEG fail
     to decode (``InvalidArgumentError``).
     """
