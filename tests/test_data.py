@@ -279,7 +279,7 @@ def test_load_image_composites_after_the_resize_as_if_before(shape, color, mode)
     pixels[..., -1] = np.where(rng.random((h, w)) < 0.4, 0, pixels[..., -1])  # holes, as cut-outs have
     pixels[: h // 3, :, -1] = 255
     buf = io.BytesIO()
-    Image.fromarray(pixels.squeeze() if channels == 4 else pixels, color).save(buf, "PNG")
+    Image.fromarray(pixels, color).save(buf, "PNG")
     data = tf.constant(buf.getvalue())
     expected = resize_rgb(decode_rgb(data), 32, mode).numpy().astype(int)
     got = load_image(data, 32, mode).numpy()
