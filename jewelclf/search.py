@@ -703,8 +703,8 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
     if to_embed:
         checks = check_records([r for r, *_ in to_embed], ref.max_pixels, ref.min_image_side)
         for c, entry in zip(checks, to_embed):
-            if c.ok:
-                new_records.append(entry)
+            if c.ok:  # the checked record carries its format, which routes its decode
+                new_records.append((c.record, *entry[1:]))
             else:
                 rejected_rows.append([c.record.path, c.record.label, c.reason])
     if rejected_rows:
