@@ -4,8 +4,9 @@
   else (the practical limit of decoding these files on this machine);
 - ``keras``: ``keras.utils.image_dataset_from_directory`` at the same size and batch;
 - ``jewelclf``: ``decoded_dataset`` + ``batched`` as ``fit`` uses them (JPEGs routed past the
-  format dispatch, alpha composited after the resize, grayscale and CMYK handling, box or
-  bilinear resize, uint8 rounding, batching, float cast, prefetch), first pass (decoding) and a
+  format dispatch and other checked files past its JPEG branch, alpha composited after the
+  resize, grayscale and CMYK handling, box or
+  bilinear resize, uint8 rounding, batching, prefetch), first pass (decoding) and a
   second pass from the cache (what every later epoch costs);
 - ``previous``: the same pipeline with the decode and resize of 2026-11-23 (a ``tf.cond`` on
   the format for every image, area-averaged resize at every scale, alpha composited at full
@@ -102,7 +103,7 @@ def main() -> None:
         return consume(ds)
 
     def previous():
-        from jewelclf.data.images import _composite_full_size, _decode
+        from jewelclf.data.images import _composite_full_size, _decode, _gray_to_rgb
 
         def area_resize(image):
             shape = tf.shape(image)
@@ -113,7 +114,7 @@ def main() -> None:
             return tf.cast(tf.round(resized), tf.uint8)
 
         def load(p):
-            out = _decode(tf.io.read_file(p), size, True, area_resize,
+            out = _decode(tf.io.read_file(p), size, True, lambda image: area_resize(_gray_to_rgb(image)),
                           lambda image: area_resize(_composite_full_size(image)))
             out.set_shape([size, size, 3])
             return out
@@ -152,15 +153,15 @@ def main() -> None:
 
 def by_format(paths: list[str], size: int, repeats: int) -> None:
     """CPU milliseconds per image of the bare decode+resize and of jewelclf's decode+resize
-    (``load_jpeg`` for JPEGs, ``load_image`` for the rest), for the JPEGs and for the other
+    (``load_jpeg`` for JPEGs, ``load_other`` for the rest), for the JPEGs and for the other
     files apart: one thread, the bytes already in memory."""
-    from jewelclf.data.images import load_image, load_jpeg, sniff_format
+    from jewelclf.data.images import load_jpeg, load_other, sniff_format
 
     encoded = [open(p, "rb").read() for p in paths]
     groups = {"JPEG": [b for b in encoded if sniff_format(b[:16]) == "JPEG"]}
     groups["other"] = [b for b in encoded if sniff_format(b[:16]) != "JPEG"]
-    # JPEGs go through load_jpeg, as decoded_dataset routes the files the data check found to be JPEGs.
-    ours = {"JPEG": load_jpeg, "other": load_image}
+    # As decoded_dataset routes the files by the format the data check found.
+    ours = {"JPEG": load_jpeg, "other": load_other}
     options = tf.data.Options()
     options.autotune.enabled = False
     print(f"{'files':<16} {'bare ms':>8} {'jewelclf ms':>12} {'ratio':>6}   (CPU ms per image, one thread)")

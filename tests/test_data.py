@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import CLASSES, make_class_folder, make_csv, make_image, make_split_folder
 from jewelclf.config import DataConfig
 from jewelclf.data.check import check_file, check_records
-from jewelclf.data.images import decode_rgb, load_image, load_jpeg, resize_rgb
+from jewelclf.data.images import (_premultiplied_planes, decode_rgb, load_image, load_jpeg, load_other,
+                                  resize_rgb)
 from jewelclf.data.pipeline import batched, decoded_dataset
 from jewelclf.data.sources import Record, load_source
 from jewelclf.data.splits import assign_splits
@@ -298,6 +299,52 @@ def test_load_jpeg_gives_load_images_pixels(shape, mode):
     np.testing.assert_array_equal(load_jpeg(data, 32, mode).numpy(), load_image(data, 32, mode).numpy())
 
 
+@pytest.mark.parametrize("channels", [2, 4])
+def test_premultiplied_planes_are_exact_products(channels):
+    # The word arithmetic (invert, shift, mask, one multiply per lane) must give exactly
+    # (255 - color) * alpha for every channel, at the extremes too: 255 * 255 fills a 16-bit lane.
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (7, 9, channels), dtype=np.uint8)
+    pixels[0, 0] = 0      # color 0 (255 after inverting) under alpha 0
+    pixels[0, 1] = 255    # alpha 255 over color 255
+    pixels[0, 2, :-1], pixels[0, 2, -1] = 0, 255  # the largest product, 255 * 255
+    planes = [p.numpy() for p in _premultiplied_planes(tf.constant(pixels))]
+    wide = pixels.astype(np.int64)
+    expected = (255 - wide) * wide[..., -1:]
+    assert all(p.dtype == np.uint16 for p in planes)
+    if channels == 2:
+        np.testing.assert_array_equal(planes[0][..., 0], expected[..., 0])
+    else:
+        np.testing.assert_array_equal(planes[0], expected[..., [0, 2]])   # red, blue
+        np.testing.assert_array_equal(planes[1], expected[..., [1, 3]])   # green, alpha's own
+
+
+def _png_like(mode: str, fmt: str) -> bytes:
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (70, 90, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((70, 90)) < 0.3, 0, rgba[..., 3])
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "P":  # a palette with one transparent entry, as many catalogue cut-outs are saved
+        image = image.convert("RGB").quantize(16)
+        image.info["transparency"] = 0
+    elif mode != "RGBA":
+        image = image.convert(mode)
+    return _bytes(image, fmt, **({"transparency": 0} if mode == "P" else {}))
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGBA", "PNG"), ("LA", "PNG"), ("L", "PNG"), ("RGB", "PNG"),
+                                       ("P", "PNG"), ("P", "GIF"), ("RGB", "BMP"), ("RGBA", "WEBP")])
+@pytest.mark.parametrize("resize", ["squash", "crop"])
+def test_load_other_gives_load_images_pixels(mode, fmt, resize):
+    data = tf.constant(_png_like(mode, fmt))
+    expected = load_image(data, 32, resize).numpy()
+    np.testing.assert_array_equal(load_other(data, 32, resize).numpy(), expected)
+    in_graph = tf.data.Dataset.from_tensors(data).map(lambda b: load_other(b, 32, resize))
+    np.testing.assert_array_equal(next(iter(in_graph)).numpy(), expected)
+    if mode in ("L", "LA"):
+        assert (expected[..., 0] == expected[..., 2]).all()
+
+
 def test_decode_bomb_refused_before_decoding(tmp_path):
     p = tmp_path / "bomb.png"
     Image.new("L", (6000, 6000)).save(p)       # 36 MP of zeros: a small file
@@ -315,9 +362,11 @@ def test_unreadable_and_folder_named_like_image(tmp_path):
 # ---------------------------------------------------------------- pipeline
 
 
-def test_checked_jpegs_skip_the_format_dispatch_and_keep_the_records_order(tmp_path, monkeypatch):
+def test_checked_records_are_routed_by_format_and_keep_the_records_order(tmp_path, monkeypatch):
     # After the data check, records carry their format; the pipeline decodes the JPEGs with
-    # load_jpeg and the rest with load_image, and merges them back in the records' order.
+    # load_jpeg, other checked files with load_other, anything unchecked with load_image's full
+    # dispatch, and merges the streams back in the records' order.
+    from dataclasses import replace
     root = make_class_folder(tmp_path / "d", per_class=3)
     transparent = np.zeros((40, 48, 4), np.uint8)
     transparent[..., 0] = 200
@@ -331,12 +380,16 @@ def test_checked_jpegs_skip_the_format_dispatch_and_keep_the_records_order(tmp_p
     assert {r.key: r.format for r in records if not r.key.endswith(".jpg")} == {
         "ring/cutout.png": "PNG", "watch/gray.gif": "GIF", "ring/really_a_jpeg.png": "JPEG"}
     assert records == src.records  # the format is not part of a record's identity
+    unchecked = next(i for i, r in enumerate(records) if r.key.endswith(".jpg"))
+    records[unchecked] = replace(records[unchecked], format=None)
 
     import jewelclf.data.pipeline as pipeline_mod
-    jpeg_calls = []
-    monkeypatch.setattr(pipeline_mod, "load_jpeg", lambda b, *a: jpeg_calls.append(1) or load_jpeg(b, *a))
+    seen = {name: [] for name in ("load_jpeg", "load_other", "load_image")}
+    for name, real in (("load_jpeg", load_jpeg), ("load_other", load_other), ("load_image", load_image)):
+        monkeypatch.setattr(pipeline_mod, name,
+                            lambda b, *a, name=name, real=real: seen[name].append(1) or real(b, *a))
     got = list(decoded_dataset(src, records, DataConfig(), 24))
-    assert len(jpeg_calls) == 1  # traced once, for the JPEG stream
+    assert {k: len(v) for k, v in seen.items()} == {"load_jpeg": 1, "load_other": 1, "load_image": 1}
     assert len(got) == len(records)
     for (x, y), r in zip(got, records):
         assert int(y) == src.class_names.index(r.label), r.key

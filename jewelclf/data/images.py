@@ -16,6 +16,13 @@ ANIMATED_WEBP_REASON = ("animated WebP, which TensorFlow cannot decode safely; s
 :func:`decode_rgb` calls it) corrupts the heap on one and the whole process aborts."""
 
 
+def _graph_ready(fn):
+    """Mark ``fn`` as already graph code (explicit ``tf.cond``, no Python branching on tensors),
+    so AutoGraph does not convert it and everything it calls, which ``tf.data`` would otherwise
+    do each time a pipeline is built (a third of a second for :func:`load_image`)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def sniff_format(head: bytes) -> str | None:
     """The image format named by a file's first bytes (its magic number), or ``None``."""
     if head.startswith(b"\xff\xd8\xff"):
@@ -107,12 +114,16 @@ def _composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round((tf.cast(rgb, tf.float32) - 255.0) * a + 255.0), tf.uint8)
 
 
+def _gray_to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """``[..., 1]`` gray repeated into ``[..., 3]``; RGB unchanged (the channel count is static).
+    A plain concat: ``tf.image.grayscale_to_rgb``'s shape assertions would add a few dozen nodes
+    to every graph that decodes an image."""
+    return tf.concat([image] * 3, axis=-1) if image.shape[-1] == 1 else image
+
+
 def _composite_full_size(image: tf.Tensor) -> tf.Tensor:
     """Gray+alpha or RGB+alpha uint8 composited onto white, at full size."""
-    color = image[..., :-1]
-    if image.shape[-1] == 2:
-        color = tf.image.grayscale_to_rgb(color)
-    return _composite_on_white(color, image[..., -1:])
+    return _composite_on_white(_gray_to_rgb(image[..., :-1]), image[..., -1:])
 
 
 def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
@@ -134,8 +145,9 @@ def _decode_jpeg(encoded: tf.Tensor, min_side: int | None) -> tf.Tensor:
 
 
 def _decode(encoded: tf.Tensor, min_side: int | None, guard: bool, opaque, transparent) -> tf.Tensor:
-    """Decode, then finish the image with ``opaque(rgb)`` (uint8 RGB) or, where it has an alpha
-    channel, ``transparent(image)`` (uint8 gray+alpha or RGB+alpha)."""
+    """Decode, then finish the image with ``opaque(image)`` (uint8 gray or RGB, the channel
+    count static in each call) or, where it has an alpha channel, ``transparent(image)`` (uint8
+    gray+alpha or RGB+alpha)."""
     # JPEGs (nearly every catalogue photo) take libjpeg's own conversion to RGB, which covers
     # grayscale and CMYK and gives the same pixels as the general path below at a fraction of
     # its graph cost; a JPEG never has alpha, and is never an animated WebP.
@@ -151,18 +163,13 @@ def _decode_other(encoded: tf.Tensor, guard: bool, opaque, transparent) -> tf.Te
     image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
     channels = tf.shape(image)[-1]
 
-    def gray_alpha():
-        out = image[..., :2]
-        out.set_shape([None, None, 2])
-        return transparent(out)
+    def channels_of(n: int) -> tf.Tensor:
+        out = image[..., :n]
+        out.set_shape([None, None, n])
+        return out
 
-    def rgba():
-        out = image[..., :4]
-        out.set_shape([None, None, 4])
-        return transparent(out)
-
-    branches = [lambda: opaque(tf.image.grayscale_to_rgb(image[..., :1])), gray_alpha,
-                lambda: opaque(image[..., :3]), rgba]
+    branches = [lambda n=n, finish=finish: finish(channels_of(n))
+                for n, finish in ((1, opaque), (2, transparent), (3, opaque), (4, transparent))]
     return tf.switch_case(tf.clip_by_value(channels - 1, 0, 3), branches)
 
 
@@ -178,6 +185,7 @@ def _refuse_animated_webp_eagerly(encoded, source: str | None) -> tf.Tensor:
     return tf.convert_to_tensor(encoded, tf.string)
 
 
+@_graph_ready
 def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | None = None) -> tf.Tensor:
     """Decode JPEG/PNG/GIF (first frame)/BMP/WebP bytes into uint8 RGB ``[H, W, 3]``.
 
@@ -196,7 +204,7 @@ def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | No
     eager = tf.executing_eagerly()
     if eager:
         encoded = _refuse_animated_webp_eagerly(encoded, source)
-    out = _decode(encoded, min_side, not eager, lambda rgb: rgb, _composite_full_size)
+    out = _decode(encoded, min_side, not eager, _gray_to_rgb, _composite_full_size)
     out.set_shape([None, None, 3])
     return out
 
@@ -209,21 +217,23 @@ def _center_square(image: tf.Tensor) -> tf.Tensor:
     return image[top:top + side, left:left + side, :]
 
 
-def _resize_float(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Any-dtype ``[H, W, C]`` to float32 ``[size, size, C]``: box filter where a side shrinks 2x
-    or more, bilinear otherwise."""
-    shape = tf.shape(image)
+def _resize_planes(planes: list[tf.Tensor], size: int) -> list[tf.Tensor]:
+    """Any-dtype ``[H, W, C]`` images of one height and width to float32 ``[size, size, C]``:
+    box filter where a side shrinks 2x or more, bilinear otherwise."""
+    shape = tf.shape(planes[0])
+    shrunk = [tf.minimum(shape[0], size), tf.minimum(shape[1], size)]
 
+    # Area averaging to at most `size` a side, then bilinear growth of a side that was shorter
+    # (a bilinear resize to the same size returns its input exactly, so it needs no branch of
+    # its own: every branch is a graph function that each tf.data iterator instantiates).
     def area_first():
-        shrunk = tf.image.resize(image, [tf.minimum(shape[0], size), tf.minimum(shape[1], size)],
-                                 method="area")
-        return tf.cond(tf.reduce_all(shape[:2] >= size), lambda: shrunk,
-                       lambda: tf.image.resize(shrunk, [size, size], method="bilinear"))
+        return [tf.image.resize(tf.image.resize(plane, shrunk, method="area"), [size, size], method="bilinear")
+                for plane in planes]
 
     # Below a 2x shrink, bilinear interpolation reads every input pixel anyway and stays
     # closer to a Lanczos reference than the box filter (BENCHMARKS.md, "Input pipeline").
     return tf.cond(tf.reduce_any(shape[:2] >= 2 * size), area_first,
-                   lambda: tf.image.resize(image, [size, size], method="bilinear"))
+                   lambda: [tf.image.resize(plane, [size, size], method="bilinear") for plane in planes])
 
 
 def _to_uint8(pixels: tf.Tensor) -> tf.Tensor:
@@ -232,7 +242,8 @@ def _to_uint8(pixels: tf.Tensor) -> tf.Tensor:
 
 
 def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
-    """Resize uint8 RGB to ``[size, size, 3]`` uint8, rounded.
+    """Resize uint8 RGB (or gray, ``[H, W, 1]``, which comes back as RGB) to ``[size, size, 3]``
+    uint8, rounded.
 
     ``squash`` resizes the whole frame; ``crop`` takes the central square first. A side that
     shrinks by 2x or more is shrunk by area averaging (an exact box filter, so a 17x downscale
@@ -242,25 +253,41 @@ def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     """
     if mode == "crop":
         image = _center_square(image)
-    return _to_uint8(_resize_float(image, size))
+    return _to_uint8(_gray_to_rgb(_resize_planes([image], size)[0]))
 
 
-def _alpha_in_every_channel(image: tf.Tensor) -> tf.Tensor:
-    """Gray+alpha or RGB+alpha uint8 ``[H, W, C]`` to its alpha repeated in all ``C`` channels.
+def _premultiplied_planes(image: tf.Tensor) -> list[tf.Tensor]:
+    """Gray+alpha or RGB+alpha uint8 ``[H, W, C]`` to ``(255 - color) * alpha`` of each color
+    channel, exact in uint16: ``[[H, W, 1]]`` for gray, ``[[H, W, 2] (red, blue),
+    [H, W, 2] (green, alpha's own product)]`` for RGB.
 
-    Each pixel's bytes are read as one 16- or 32-bit word, so the alpha byte is picked out and
-    copied with a shift, a mask and a multiply over contiguous words: several times cheaper
-    than slicing a channel and broadcasting it. The alpha byte's place in the word depends on
-    the machine's byte order, which the graph reads for itself, so an export stays right on
-    any machine.
+    Widening uint8 to uint16 with a cast is not vectorized by TensorFlow's CPU kernels and cost
+    most of an RGBA image's time (20 ms for a 2000x2000 cast alone on this 2-core CPU). Instead
+    each pixel's bytes are read as one 16- or 32-bit word, inverted (255 - color), and split with
+    a shift and a mask into words whose 16-bit lanes hold one channel each; multiplying such a
+    word by alpha multiplies every lane (a product of two bytes fits its lane), and a bitcast
+    then yields uint16 channels: whole-word integer ops only, which TensorFlow vectorizes. The
+    shifts depend on the machine's byte order, which the graph reads for itself, so an export
+    stays right on any machine.
     """
     channels = image.shape[-1]
     word = {2: tf.uint16, 4: tf.uint32}[channels]
     little_endian = tf.equal(tf.bitcast(tf.constant([1] + [0] * (channels - 1), tf.uint8), word), 1)
-    shift = tf.where(little_endian, tf.constant(8 * (channels - 1), word), tf.constant(0, word))
-    alpha = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(image, word), shift),
+
+    def shift(little: int, big: int) -> tf.Tensor:
+        return tf.where(little_endian, tf.constant(little, word), tf.constant(big, word))
+
+    words = tf.bitcast(image, word)
+    alpha = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, shift(8 * (channels - 1), 0)),
                                    tf.constant(0xFF, word))
-    return tf.bitcast(alpha * tf.constant(sum(1 << (8 * i) for i in range(channels)), word), tf.uint8)
+    inverted = tf.bitwise.invert(words)
+    if channels == 2:
+        gray = tf.bitwise.bitwise_and(tf.bitwise.right_shift(inverted, shift(0, 8)), tf.constant(0xFF, word))
+        return [tf.expand_dims(gray * alpha, -1)]
+    lanes = tf.constant(0x00FF00FF, word)
+    # Bytes 0 and 2 of each pixel (red, blue), then bytes 1 and 3 (green, alpha), in memory order.
+    return [tf.bitcast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(inverted, shift(s, 8 - s)), lanes) * alpha,
+                       tf.uint16) for s in (0, 8)]
 
 
 def _resize_composited(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
@@ -269,19 +296,22 @@ def _resize_composited(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
 
     Compositing is 255 - (255 - color) * alpha / 255, and both resize filters are weighted
     averages, so the resize can run on the premultiplied (255 - color) * alpha (exact in
-    uint16) and the rest on the small result. It skips the rounding to uint8 at full size, so
-    a pixel can differ from compositing first by one grey level.
+    uint16, :func:`_premultiplied_planes`) and the rest on the small result. It skips the
+    rounding to uint8 at full size, so a pixel can differ from compositing first by one grey
+    level.
     """
     if mode == "crop":
         image = _center_square(image)
-    # Every channel times alpha; the alpha channel's own product is dropped after the resize.
-    premultiplied = (255 - tf.cast(image, tf.uint16)) * tf.cast(_alpha_in_every_channel(image), tf.uint16)
-    color = 255.0 - _resize_float(premultiplied, size)[..., :-1] * (1.0 / 255.0)
-    if image.shape[-1] == 2:
-        color = tf.image.grayscale_to_rgb(color)
-    return _to_uint8(color)
+    planes = _resize_planes(_premultiplied_planes(image), size)
+    if len(planes) == 1:
+        premultiplied = _gray_to_rgb(planes[0])
+    else:
+        red_blue, green_alpha = planes
+        premultiplied = tf.stack([red_blue[..., 0], green_alpha[..., 0], red_blue[..., 1]], axis=-1)
+    return _to_uint8(255.0 - premultiplied * (1.0 / 255.0))
 
 
+@_graph_ready
 def load_image(encoded: tf.Tensor, size: int, mode: str = "squash", source: str | None = None) -> tf.Tensor:
     """Encoded bytes to the model's input: uint8 ``[size, size, 3]``. ``source`` names the file
     in the error for an animated WebP (see :func:`decode_rgb`).
@@ -300,6 +330,7 @@ def load_image(encoded: tf.Tensor, size: int, mode: str = "squash", source: str 
     return out
 
 
+@_graph_ready
 def load_jpeg(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     """:func:`load_image` for bytes already known to be a JPEG (the data check read their
     format): the same pixels, without the format dispatch.
@@ -310,5 +341,17 @@ def load_jpeg(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     to decode (``InvalidArgumentError``).
     """
     out = resize_rgb(_decode_jpeg(encoded, size), size, mode)
+    out.set_shape([size, size, 3])
+    return out
+
+
+@_graph_ready
+def load_other(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
+    """:func:`load_image` for bytes the data check found to be a PNG, GIF, BMP or WebP: the same
+    pixels, without the JPEG branch of the format dispatch (a smaller graph for ``tf.data`` to
+    build and instantiate). An animated WebP fails the same assertion as in :func:`load_image`.
+    """
+    out = _decode_other(encoded, not tf.executing_eagerly(), lambda rgb: resize_rgb(rgb, size, mode),
+                        lambda image: _resize_composited(image, size, mode))
     out.set_shape([size, size, 3])
     return out

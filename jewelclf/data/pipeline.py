@@ -13,7 +13,7 @@ from typing import Iterator
 import tensorflow as tf
 
 from jewelclf.config import DataConfig
-from jewelclf.data.images import load_image, load_jpeg
+from jewelclf.data.images import SUPPORTED_FORMATS, load_image, load_jpeg, load_other
 from jewelclf.data.sources import DataSource, Record
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -98,22 +98,30 @@ def decoded_dataset(source: DataSource, records: list[Record], cfg: DataConfig, 
     return ds
 
 
+def _loader(record: Record):
+    # The data check records each file's format: JPEGs (nearly every catalogue photo) skip
+    # load_image's format dispatch, and other known formats skip its JPEG branch; a record
+    # nobody checked takes the full dispatch.
+    if record.format == "JPEG":
+        return load_jpeg
+    return load_other if record.format in SUPPORTED_FORMATS else load_image
+
+
 def _decoded_files(source: DataSource, records: list[Record], size: int, mode: str) -> tf.data.Dataset:
-    # Files the data check found to be JPEGs (nearly every catalogue photo) are decoded by
-    # load_jpeg, without load_image's format dispatch; the rest by load_image. Each file is read
-    # and decoded in one map step, and the two streams are merged back into the records' order.
+    # One parallel map per loader, each file read and decoded in one step, merged back into
+    # the records' order.
     def read_with(load):
         return lambda path, label: (load(tf.io.read_file(path), size, mode), label)
 
-    jpeg = [r.format == "JPEG" for r in records]
-    if all(jpeg) or not any(jpeg):
-        load = load_jpeg if records and all(jpeg) else load_image
-        return _path_dataset(source, records).map(read_with(load), num_parallel_calls=AUTOTUNE,
-                                                  deterministic=True)
-    streams = [_path_dataset(source, [r for r, j in zip(records, jpeg) if j == want])
+    loaders = [_loader(r) for r in records]
+    used = [load for load in (load_jpeg, load_other, load_image) if load in loaders]
+    if len(used) <= 1:
+        return _path_dataset(source, records).map(read_with(used[0] if used else load_image),
+                                                  num_parallel_calls=AUTOTUNE, deterministic=True)
+    streams = [_path_dataset(source, [r for r, lr in zip(records, loaders) if lr is load])
                .map(read_with(load), num_parallel_calls=AUTOTUNE, deterministic=True)
-               for want, load in ((True, load_jpeg), (False, load_image))]
-    choice = tf.data.Dataset.from_tensor_slices(tf.constant([0 if j else 1 for j in jpeg], tf.int64))
+               for load in used]
+    choice = tf.data.Dataset.from_tensor_slices(tf.constant([used.index(lr) for lr in loaders], tf.int64))
     return tf.data.Dataset.choose_from_datasets(streams, choice)
 
 
