@@ -1,8 +1,8 @@
-"""What routing checked JPEGs past the format dispatch buys: jewelclf's decoding pass
+"""What routing checked files past the format dispatch buys: jewelclf's decoding pass
 (``decoded_dataset`` + ``batched``) with the records as the data check returns them (JPEGs
-go through ``load_jpeg``) against the same records with their format cleared (every file
-through ``load_image`` and its per-image format ``tf.cond``), over all the files and over the
-JPEGs alone, interleaved in one process.
+go through ``load_jpeg``, other formats through ``load_other``) against the same records with
+their format cleared (every file through ``load_image`` and its per-image format ``tf.cond``),
+over all the files and over the JPEGs alone, interleaved in one process.
 
 Usage::
 
