@@ -36,7 +36,7 @@ from jewelclf.data.pipeline import batched, decoded_dataset  # noqa: E402
 from jewelclf.data.sources import load_source  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from input_pipeline import bare_image, consume, timed_both  # noqa: E402
+from input_pipeline import bare_pass, consume, timed_both  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,13 +102,8 @@ def main() -> None:
     print(f"{len(records)} images, {size} px, batch {bs}, {os.cpu_count()} CPU cores; files whose "
           f"pixels differ between this checkout and {args.rev}: {differ}")
 
-    def bare():
-        ds = tf.data.Dataset.from_tensor_slices(paths).map(
-            lambda p: bare_image(tf.io.read_file(p), size),
-            num_parallel_calls=tf.data.AUTOTUNE).batch(bs).prefetch(tf.data.AUTOTUNE)
-        return consume(ds)
 
-    rows = {"bare decode+resize": bare,
+    rows = {"bare decode+resize": lambda: bare_pass(paths, size, bs),
             "this checkout": lambda: consume(batched(decoded_dataset(source, records, DataConfig(), size),
                                                      len(source.class_names), bs)),
             f"at {args.rev}": lambda: routed_pass(old_images, records, source.class_names, size, bs)}
