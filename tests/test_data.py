@@ -390,6 +390,11 @@ def test_checked_records_are_routed_by_format_and_keep_the_records_order(tmp_pat
                             lambda b, *a, name=name, real=real: seen[name].append(1) or real(b, *a))
     got = list(decoded_dataset(src, records, DataConfig(), 24))
     assert {k: len(v) for k, v in seen.items()} == {"load_jpeg": 1, "load_other": 1, "load_image": 1}
+    # Traced once per process: fit, tune and index build more pipelines with the same loaders.
+    assert len(list(decoded_dataset(src, records, DataConfig(), 24))) == len(records)
+    assert {k: len(v) for k, v in seen.items()} == {"load_jpeg": 1, "load_other": 1, "load_image": 1}
+    list(decoded_dataset(src, records, DataConfig(), 20))  # another size is another graph
+    assert {k: len(v) for k, v in seen.items()} == {"load_jpeg": 2, "load_other": 2, "load_image": 2}
     assert len(got) == len(records)
     for (x, y), r in zip(got, records):
         assert int(y) == src.class_names.index(r.label), r.key

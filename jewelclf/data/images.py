@@ -19,7 +19,7 @@ ANIMATED_WEBP_REASON = ("animated WebP, which TensorFlow cannot decode safely; s
 def _graph_ready(fn):
     """Mark ``fn`` as already graph code (explicit ``tf.cond``, no Python branching on tensors),
     so AutoGraph does not convert it and everything it calls, which ``tf.data`` would otherwise
-    do each time a pipeline is built (a third of a second for :func:`load_image`)."""
+    do each time a pipeline is traced (about 0.1 s of Python for :func:`load_image`)."""
     return tf.autograph.experimental.do_not_convert(fn)
 
 

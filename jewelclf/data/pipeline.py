@@ -124,16 +124,13 @@ def _read_and_load(load, size: int, mode: str):
 def _decoded_files(source: DataSource, records: list[Record], size: int, mode: str) -> tf.data.Dataset:
     # One parallel map per loader, each file read and decoded in one step, merged back into
     # the records' order.
-    def read_with(load):
-        return _read_and_load(load, size, mode)
-
     loaders = [_loader(r) for r in records]
     used = [load for load in (load_jpeg, load_other, load_image) if load in loaders]
     if len(used) <= 1:
-        return _path_dataset(source, records).map(read_with(used[0] if used else load_image),
+        return _path_dataset(source, records).map(_read_and_load(used[0] if used else load_image, size, mode),
                                                   num_parallel_calls=AUTOTUNE, deterministic=True)
     streams = [_path_dataset(source, [r for r, lr in zip(records, loaders) if lr is load])
-               .map(read_with(load), num_parallel_calls=AUTOTUNE, deterministic=True)
+               .map(_read_and_load(load, size, mode), num_parallel_calls=AUTOTUNE, deterministic=True)
                for load in used]
     choice = tf.data.Dataset.from_tensor_slices(tf.constant([used.index(lr) for lr in loaders], tf.int64))
     return tf.data.Dataset.choose_from_datasets(streams, choice)
