@@ -25,6 +25,7 @@ from jewelclf.data.images import (
     decode_rgb,
     is_animated_webp,
     load_image,
+    load_other,
 )
 from jewelclf.errors import JewelclfError
 
@@ -66,6 +67,8 @@ def test_decode_rgb_and_load_image_refuse_an_animated_webp_by_name():
     assert isinstance(e.value, JewelclfError) and isinstance(e.value, tf.errors.InvalidArgumentError)
     with pytest.raises(AnimatedWebPError, match="^animated WebP, which TensorFlow cannot decode safely"):
         load_image(tf.constant(ANIM), 32)
+    with pytest.raises(AnimatedWebPError, match="^'spin.webp' is an animated WebP"):
+        load_other(tf.constant(ANIM), 32, source="spin.webp")  # the loader of checked non-JPEGs
     with pytest.raises(AnimatedWebPError):
         decode_rgb(ANIM)  # plain bytes too
     # still WebPs (plain VP8, and VP8X with alpha, whose flags lack the animation bit) decode
@@ -79,8 +82,9 @@ def test_in_graph_guard_fails_before_decoding_and_tf_data_drops_it():
         fn(tf.constant(ANIM))
     assert fn(tf.constant(still_webp())).shape == (20, 24, 3)
     png = encode(noisy((16, 18, 3), 3), "PNG")
-    ds = tf.data.Dataset.from_tensor_slices([png, ANIM, still_webp()]).map(lambda b: load_image(b, 8))
-    assert len(list(ds.ignore_errors())) == 2
+    for load in (load_image, load_other):
+        ds = tf.data.Dataset.from_tensor_slices([png, ANIM, still_webp()]).map(lambda b, load=load: load(b, 8))
+        assert len(list(ds.ignore_errors())) == 2
 
 
 def test_header_checks_in_python_and_in_graph():

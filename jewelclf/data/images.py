@@ -185,6 +185,19 @@ def _refuse_animated_webp_eagerly(encoded, source: str | None) -> tf.Tensor:
     return tf.convert_to_tensor(encoded, tf.string)
 
 
+def _animated_webp_guard(encoded, source: str | None) -> tuple[tf.Tensor, bool]:
+    """``(bytes, guard)``: eagerly, an animated WebP is refused here (:class:`AnimatedWebPError`)
+    and no guard is needed; in a graph, ``guard`` is True and the decode asserts first."""
+    if tf.executing_eagerly():
+        return _refuse_animated_webp_eagerly(encoded, source), False
+    return encoded, True
+
+
+def _resized_at(size: int, mode: str):
+    """The ``(opaque, transparent)`` finishers of :func:`_decode` that give the model's input."""
+    return lambda image: resize_rgb(image, size, mode), lambda image: _resize_composited(image, size, mode)
+
+
 @_graph_ready
 def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | None = None) -> tf.Tensor:
     """Decode JPEG/PNG/GIF (first frame)/BMP/WebP bytes into uint8 RGB ``[H, W, 3]``.
@@ -201,10 +214,8 @@ def decode_rgb(encoded: tf.Tensor, source: str | None = None, min_side: int | No
     :data:`ANIMATED_WEBP_REASON` (an ``InvalidArgumentError``, which ``tf.data``'s
     ``ignore_errors`` drops like any undecodable image).
     """
-    eager = tf.executing_eagerly()
-    if eager:
-        encoded = _refuse_animated_webp_eagerly(encoded, source)
-    out = _decode(encoded, min_side, not eager, _gray_to_rgb, _composite_full_size)
+    encoded, guard = _animated_webp_guard(encoded, source)
+    out = _decode(encoded, min_side, guard, _gray_to_rgb, _composite_full_size)
     out.set_shape([None, None, 3])
     return out
 
@@ -321,11 +332,8 @@ def load_image(encoded: tf.Tensor, size: int, mode: str = "squash", source: str 
     1/8, never below ``size``), and an image with alpha is composited after the resize
     (:func:`_resize_composited`).
     """
-    eager = tf.executing_eagerly()
-    if eager:
-        encoded = _refuse_animated_webp_eagerly(encoded, source)
-    out = _decode(encoded, size, not eager, lambda rgb: resize_rgb(rgb, size, mode),
-                  lambda image: _resize_composited(image, size, mode))
+    encoded, guard = _animated_webp_guard(encoded, source)
+    out = _decode(encoded, size, guard, *_resized_at(size, mode))
     out.set_shape([size, size, 3])
     return out
 
@@ -346,12 +354,12 @@ def load_jpeg(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
 
 
 @_graph_ready
-def load_other(encoded: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
+def load_other(encoded: tf.Tensor, size: int, mode: str = "squash", source: str | None = None) -> tf.Tensor:
     """:func:`load_image` for bytes the data check found to be a PNG, GIF, BMP or WebP: the same
     pixels, without the JPEG branch of the format dispatch (a smaller graph for ``tf.data`` to
-    build and instantiate). An animated WebP fails the same assertion as in :func:`load_image`.
+    build and instantiate). An animated WebP is refused as :func:`load_image` refuses it.
     """
-    out = _decode_other(encoded, not tf.executing_eagerly(), lambda rgb: resize_rgb(rgb, size, mode),
-                        lambda image: _resize_composited(image, size, mode))
+    encoded, guard = _animated_webp_guard(encoded, source)
+    out = _decode_other(encoded, guard, *_resized_at(size, mode))
     out.set_shape([size, size, 3])
     return out
