@@ -143,7 +143,9 @@ def fit(data, run_dir, config_file, overwrite, resume, **flags):
 @click.option("--output", type=click.Path(path_type=Path),
               help="Folder for metrics.json and plots (default: RUN_DIR/evaluations/<data>).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]),
-              help="Which split of DATA to use (default: test if DATA has one, else all of it).")
+              help="Which split to score. On the data the run trained on: the run's own split "
+                   "from splits.csv (default test, else val; train only when asked). On other "
+                   "data: DATA's split (default test if DATA has one, else all of it).")
 @_handle_errors
 def evaluate(run_dir, data, output, split):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""

@@ -36,7 +36,6 @@ class DataConfig:
     """Decoded-image cache: ``memory``, ``disk`` (in the run dir), ``none``, or ``auto``."""
     cache_memory_limit_mb: int = 2048
     """With ``cache: auto``, cache in memory below this estimated size, on disk above it."""
-    shuffle_buffer: int = 2048
     max_pixels: int = 50_000_000
     """Images with more pixels than this are rejected before decoding (decode-bomb guard)."""
     min_image_side: int = 8
@@ -263,7 +262,7 @@ def validate(config: Config) -> Config:
             raise JewelclfError(
                 f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}"
             )
-    positive = ["data.batch_size", "data.shuffle_buffer", "data.max_pixels", "data.check_workers",
+    positive = ["data.batch_size", "data.max_pixels", "data.check_workers",
                 "train.stage1.learning_rate", "train.stage2.learning_rate", "train.top_k"]
     non_negative = ["train.stage1.epochs", "train.stage2.epochs", "train.stage2.unfreeze_blocks",
                     "train.stage1.patience", "train.stage2.patience", "model.head_units",
@@ -309,6 +308,17 @@ def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | N
     return validate(config)
 
 
+RETIRED_KEYS = {"data": ("shuffle_buffer",)}
+"""Keys that older runs saved and that no longer mean anything: ``data.shuffle_buffer`` (every
+epoch is now a whole permutation of the training images)."""
+
+
 def from_dict(d: dict[str, Any], source: str = "config") -> Config:
-    """Rebuild a saved config (e.g. a run's ``config.yaml``)."""
+    """Rebuild a saved config (e.g. a run's ``config.yaml``); keys older runs saved that no
+    longer exist (:data:`RETIRED_KEYS`) are dropped."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in (d or {}).items()}
+    for section, keys in RETIRED_KEYS.items():
+        for key in keys:
+            if isinstance(d.get(section), dict):
+                d[section].pop(key, None)
     return validate(merge(Config(), d, source=source))

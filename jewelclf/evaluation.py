@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,18 @@ from jewelclf.errors import JewelclfError
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
                     top_k: int = 3) -> dict[str, Any]:
-    """All metrics of ``metrics.json`` from true label indices and predicted probabilities."""
+    """All metrics of ``metrics.json`` from true label indices and predicted probabilities.
+
+    The figures are sklearn's on the same predictions (``y_pred = probs.argmax(1)``):
+    ``accuracy_score``, ``precision_recall_fscore_support(average="macro")``, which averages
+    over the classes that occur in the labels *or* the predictions, with 0 where a ratio is
+    undefined, and ``top_k_accuracy_score``, whose ties go to the higher class index.
+    ``per_class`` lists every class of the run, with support 0 where it does not occur.
+    """
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     n_classes = len(class_names)
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if len(y_true) else np.zeros(0, dtype=int)
     cm = np.zeros((n_classes, n_classes), dtype=int)
     np.add.at(cm, (y_true, y_pred), 1)
     tp = np.diag(cm).astype(float)
@@ -29,18 +38,24 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes),
                    where=(precision + recall) > 0)
-    present = support > 0  # macro averages over classes that occur in this data
+    present = (support > 0) | (predicted > 0)
     k = min(top_k, n_classes)
-    topk = np.argsort(-probs, axis=1)[:, :k]
+    # sklearn's order: a stable ascending sort, reversed, so a tie ranks the higher index first.
+    topk = np.argsort(probs, axis=1, kind="mergesort")[:, ::-1][:, :k]
     top_k_hits = (topk == y_true[:, None]).any(axis=1)
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[present].mean()) if present.any() else 0.0
+
     return {
         "num_examples": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
         "top_k": k,
         "top_k_accuracy": float(top_k_hits.mean()) if len(y_true) else 0.0,
-        "macro_precision": float(precision[present].mean()) if present.any() else 0.0,
-        "macro_recall": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
+        "macro_classes": int(present.sum()),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]),
                    "f1": float(f1[i]), "support": int(support[i])}
@@ -76,11 +91,20 @@ def format_report(metrics: dict[str, Any]) -> str:
                  f"{metrics['macro_recall']:6.3f}  {metrics['macro_f1']:5.3f}  {total:7d}")
     lines.append(f"accuracy {metrics['accuracy']:.4f}   top-{metrics['top_k']} accuracy "
                  f"{metrics['top_k_accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
-                 f"({total} images)")
+                 f"({total} images{_scored_what(metrics)})")
+    if metrics.get("warning"):
+        lines.append(f"warning: {metrics['warning']}")
     if metrics["most_confused"]:
         lines.append("most confused (true -> predicted: count): " + "; ".join(
             f"{p['true']} -> {p['predicted']}: {p['count']}" for p in metrics["most_confused"]))
     return "\n".join(lines)
+
+
+def _scored_what(metrics: dict[str, Any]) -> str:
+    split = metrics.get("split")
+    if split is None or split == "all":
+        return ""
+    return f", the run's {split} split" if metrics.get("split_source") == "run" else f", {split} split"
 
 
 def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[dict[str, Any]],
@@ -125,6 +149,103 @@ def prediction_rows(records, y_true, probs, class_names) -> list[dict[str, Any]]
             for i, (r, p) in enumerate(zip(records, pred))]
 
 
+@dataclass
+class Selection:
+    """The images an evaluation scores, and where their split came from."""
+
+    records: list
+    split: str
+    """``train``, ``val``, ``test``, or ``all`` (DATA has no splits and is not the run's data)."""
+    from_run: bool
+    """Whether the split is the run's own (``splits.csv``): DATA is the data the run trained on."""
+    training_paths: frozenset[str] = frozenset()
+    """The files of the run's training split (absolute paths), to count among those scored."""
+
+    def describe(self, scored: list) -> dict[str, Any]:
+        """The ``metrics.json`` fields that say what was scored (``scored``: the readable records)."""
+        keys = "\n".join(sorted(r.key for r in scored))
+        trained_on = sum(r.path in self.training_paths for r in scored)
+        out: dict[str, Any] = {
+            "split": self.split,
+            "split_source": "run" if self.from_run else "data",
+            "files_sha256": hashlib.sha256(keys.encode("utf-8")).hexdigest(),
+            "trained_on": trained_on,
+        }
+        if trained_on:
+            out["warning"] = (f"{trained_on} of these {len(scored)} images trained the run: the "
+                              f"figures measure how well it fits them, not how it does on new photos")
+        return out
+
+
+def _run_split_rows(run_dir: Path) -> dict[str, str]:
+    from jewelclf.rundir import SPLITS
+
+    path = run_dir / SPLITS
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["path"]: row["split"] for row in csv.DictReader(f)}
+
+
+def _rejected_paths(run_dir: Path) -> set[str]:
+    from jewelclf.rundir import REJECTED
+
+    path = run_dir / REJECTED
+    if not path.is_file():
+        return set()
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["path"] for row in csv.DictReader(f)}
+
+
+def is_run_data(run_dir: Path, info: dict[str, Any], source, run_splits: dict[str, str]) -> bool:
+    """Whether ``source`` is the data the run trained on: the same path, or the same files
+    (every file of the run's ``splits.csv``, and nothing else but files ``fit`` rejected)."""
+    from jewelclf.data.sources import data_key
+
+    if info.get("data_path") and data_key(source.spec) == info["data_path"]:
+        return True
+    if not run_splits:
+        return False
+    keys = {r.key for r in source.records}
+    rejected = _rejected_paths(run_dir)
+    extra = {r.key for r in source.records if r.key not in run_splits and r.path not in rejected}
+    return set(run_splits) <= keys and not extra
+
+
+def choose_records(run_dir: Path, info: dict[str, Any], source, split: str | None) -> Selection:
+    """The records of ``source`` to score.
+
+    On the run's own data (see :func:`is_run_data`) the split is the run's, from ``splits.csv``:
+    ``test`` by default, ``val`` when the run has no test split, and ``train`` only when asked
+    (the report then says that these images trained the model). On other data, DATA's own
+    ``split`` is used (default ``test`` when it has one, else every image).
+    """
+    run_splits = _run_split_rows(run_dir)
+    root = info.get("data_path")
+    trained = frozenset(str(Path(root) / k) for k, s in run_splits.items()
+                        if s == "train") if root and source.tfds is None else frozenset()
+    if is_run_data(run_dir, info, source, run_splits):
+        present = set(run_splits.values())
+        name = split or ("test" if "test" in present else "val")
+        records = [replace(r, split=run_splits[r.key]) for r in source.records
+                   if run_splits.get(r.key) == name]
+        if not records:
+            raise JewelclfError(f"the run in '{run_dir}' has no {name} split in its "
+                                f"{run_dir / 'splits.csv'}; present: {', '.join(sorted(present))}")
+        return Selection(records, name, True, frozenset(r.path for r in records if r.split == "train"))
+    records = source.records
+    present = {r.split for r in records} - {None}
+    if split:
+        records = [r for r in records if r.split == split]
+        if not records:
+            raise JewelclfError(f"'{source.spec}' has no {split} split; present: "
+                                f"{', '.join(sorted(present)) or 'none'}")
+        return Selection(records, split, False, trained)
+    if "test" in present:
+        return Selection([r for r in records if r.split == "test"], "test", False, trained)
+    return Selection(records, "all", False, trained)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "data"
 
@@ -133,9 +254,11 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
                  split: str | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a finished run's model on ``data_spec``; write the report; return it and its folder.
 
-    The data's classes must be among the run's classes. With a split layout or a manifest with
-    splits, the ``test`` split is used unless ``split`` names another; otherwise every image is.
-    Unreadable files are reported in ``rejected_files.csv`` and left out.
+    The data's classes must be among the run's classes. Which images are scored is
+    :func:`choose_records`'s choice: on the run's own data, its recorded ``test`` (or ``val``)
+    split, never its training images unless ``split="train"`` asks; ``metrics.json`` records
+    the split, its source, the number of images and a fingerprint of their list. Unreadable
+    files are reported in ``rejected_files.csv`` and left out.
     """
     import keras
 
@@ -148,19 +271,12 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     import jewelclf.layers  # noqa: F401  (registers the custom layers for loading)
 
     run_dir = Path(run_dir)
-    require_finished_run(run_dir)
+    info = require_finished_run(run_dir)
     config = config_mod.from_dict(config_mod.load_yaml(run_dir / CONFIG), source=str(run_dir / CONFIG))
     class_names = json.loads((run_dir / CLASS_NAMES).read_text(encoding="utf-8"))
     source = load_source(data_spec)
-    records = source.records
-    splits_present = {r.split for r in records} - {None}
-    if split:
-        records = [r for r in records if r.split == split]
-        if not records:
-            raise JewelclfError(f"'{data_spec}' has no {split} split; present: "
-                                f"{', '.join(sorted(splits_present)) or 'none'}")
-    elif "test" in splits_present:
-        records = [r for r in records if r.split == "test"]
+    chosen = choose_records(run_dir, info, source, split)
+    records = chosen.records
     unknown = sorted({r.label for r in records} - set(class_names))
     if unknown:
         raise JewelclfError(
@@ -168,7 +284,8 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
             f"not trained on (it knows {', '.join(class_names)}); remove or rename them"
         )
     source.class_names = class_names
-    out_dir = Path(output) if output else run_dir / "evaluations" / slug(data_spec + (f"_{split}" if split else ""))
+    out_dir = Path(output) if output else run_dir / "evaluations" / slug(
+        data_spec + (f"_{chosen.split}" if chosen.split != "all" else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = check_records(records, config.data.max_pixels, config.data.min_image_side,
                            config.data.check_workers,
@@ -181,6 +298,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     y_true, probs = predict_records(model, source, records, class_names, config)
     metrics = compute_metrics(y_true, probs, class_names, config.train.top_k)
     metrics["data"] = data_spec
+    metrics.update(chosen.describe(records))
     metrics["rejected_files"] = n_rejected
     write_evaluation(metrics, out_dir, prediction_rows(records, y_true, probs, class_names),
                      title=f"{run_dir.name} on {data_spec}")

@@ -45,8 +45,8 @@ from jewelclf.backbones import get_backbone
 from jewelclf.config import Config
 from jewelclf.data.check import check_records, write_rejected
 from jewelclf.data.leakage import carved_splits, check_split_leakage, write_leakage_report
-from jewelclf.data.pipeline import batched, choose_cache, decoded_dataset, tfds_bytes
-from jewelclf.data.sources import DataSource, Record, load_source
+from jewelclf.data.pipeline import batched, choose_cache, decoded_dataset, shuffled_dataset, tfds_bytes
+from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import compute_metrics, format_report, prediction_rows, write_evaluation
@@ -466,9 +466,9 @@ def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log 
     train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
     val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
     return Datasets(
-        train=_shard_by_data(batched(train_plain, len(names), batch, shuffle=True,
-                                     seed=config.train.seed,
-                                     shuffle_buffer=config.data.shuffle_buffer), replicas),
+        train=_shard_by_data(batched(shuffled_dataset(
+            data.source, data.train, config.data, size, config.train.seed,
+            cached=train_plain if cache == "memory" else None), len(names), batch), replicas),
         train_in_order=_shard_by_data(batched(train_plain, len(names), batch), replicas),
         val=_shard_by_data(batched(val_plain, len(names), batch), replicas),
         labels=(one_hot(data.train, names), one_hot(data.val, names)),
@@ -766,7 +766,7 @@ def resume_fit(run_dir: str | Path, data_spec: str | None = None, log: Log = pri
         raise JewelclfError(f"the run in '{run_dir}' failed before training; start it again "
                             f"without --resume")
     saved = info.get("data_path") or info["data"]
-    if data_spec is not None and _data_key(data_spec) != _data_key(saved):
+    if data_spec is not None and data_key(data_spec) != data_key(saved):
         raise JewelclfError(f"the run in '{run_dir}' trained on '{saved}', not '{data_spec}'; "
                             f"resume without DATA, or start a new run")
     config = resolve(run_dir / rd.CONFIG)
@@ -782,10 +782,6 @@ class RunInterrupted(JewelclfError):
     """Ctrl-C or SIGTERM stopped a run; everything finished so far is kept for ``--resume``."""
 
     exit_code = 130
-
-
-def _data_key(spec: str) -> str:
-    return spec if spec.startswith("tfds:") else str(Path(spec).resolve())
 
 
 def _locked(run_dir: Path, work: Callable[[], dict[str, Any]], resumable: bool = True) -> dict[str, Any]:
@@ -846,7 +842,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     else:
         run_dir = rd.prepare_run_dir(Path(run_dir), overwrite=overwrite, log=log)
         info = {"status": "running", "data": data_spec,
-                "data_path": _data_key(data_spec), "seed": config.train.seed,
+                "data_path": data_key(data_spec), "seed": config.train.seed,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": rd.environment()}
         rd.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
     # The resolved choices of this attempt (``auto`` may differ between machines).

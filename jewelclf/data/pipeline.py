@@ -1,4 +1,4 @@
-"""tf.data input pipelines: parallel read, decode and resize, cache, shuffle, batch, prefetch.
+"""tf.data input pipelines: parallel read, decode and resize, cache, permute, batch, prefetch.
 
 Images stream from disk; decoded, resized uint8 images are cached in memory or in a cache file
 (``data.cache``), never gathered into NumPy arrays.
@@ -144,15 +144,35 @@ def choose_cache(cfg: DataConfig, n_images: int, size: int) -> str:
     return "memory" if megabytes <= cfg.cache_memory_limit_mb else "disk"
 
 
-def batched(ds: tf.data.Dataset, num_classes: int, batch_size: int, shuffle: bool = False,
-            seed: int | None = None, shuffle_buffer: int = 2048) -> tf.data.Dataset:
-    """Shuffle (optionally), batch, turn labels to one-hot, prefetch.
+def shuffled_dataset(source: DataSource, records: list[Record], cfg: DataConfig, size: int, seed: int,
+                     cached: tf.data.Dataset | None = None) -> tf.data.Dataset:
+    """Unbatched (uint8 pixels, label) of ``records`` in a new seeded permutation every epoch.
+
+    A whole permutation, not a shuffle buffer: records come sorted by class, and a buffer
+    smaller than the data set fills batches with one or two classes. With ``cached`` (these
+    records decoded and cached in memory, in order) the permutation runs over the cached
+    images, and holding all of them in the buffer costs references, not copies. Otherwise it
+    runs over the file paths (or TFDS's encoded bytes) before decoding, so no decoded pixels
+    are held and each epoch decodes again.
+    """
+    n = max(1, len(records))
+    if cached is not None:
+        return cached.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if source.tfds is None:
+        return (_path_dataset(source, records).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+                .map(_read_and_load(load_image, size, cfg.resize), num_parallel_calls=AUTOTUNE,
+                     deterministic=True))
+    return (_tfds_encoded(source, records).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .map(lambda x, y: (load_image(x, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
+                 deterministic=True))
+
+
+def batched(ds: tf.data.Dataset, num_classes: int, batch_size: int) -> tf.data.Dataset:
+    """Batch, turn labels to one-hot, prefetch (in the order of ``ds``).
 
     Pixels stay uint8: the model's float32 input casts them on its own device, so the CPU
     skips a float pass over every image and a GPU receives a quarter of the bytes.
     """
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

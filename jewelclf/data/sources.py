@@ -26,6 +26,12 @@ _SPLIT_ALIASES = {
 }
 
 
+def data_key(spec: str) -> str:
+    """What identifies a ``DATA`` argument from any working directory: a TFDS spec as it is,
+    a path resolved to an absolute one (``run_info.json``'s ``data_path``)."""
+    return spec if spec.startswith("tfds:") else str(Path(spec).resolve())
+
+
 @dataclass(frozen=True)
 class Record:
     """One example: where its bytes are, its label, and its split and group if known."""
