@@ -44,7 +44,8 @@ from jewelclf import rundir as rd
 from jewelclf.backbones import get_backbone
 from jewelclf.config import Config
 from jewelclf.data.check import check_records, write_rejected
-from jewelclf.data.leakage import carved_splits, check_split_leakage, write_leakage_report
+from jewelclf.data.leakage import (carved_splits, check_split_leakage, leakage_hasher,
+                                   write_leakage_report)
 from jewelclf.data.pipeline import batched, choose_cache, decoded_dataset, shuffled_dataset, tfds_bytes
 from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
@@ -79,15 +80,19 @@ def prepare_data(data_spec: str, config: Config, run_dir: Path, log: Log = print
     records = assign_splits(source.records, config.train.seed, config.data.val_fraction,
                             config.data.test_fraction)
     t0 = time.perf_counter()
+    # The leakage hashes come from the bytes the check reads: one read of each file.
+    fingerprints, hash_bytes = leakage_hasher(config.data)
     checks = check_records(records, config.data.max_pixels, config.data.min_image_side,
                            config.data.check_workers,
-                           read_bytes=tfds_bytes(source) if source.tfds else None)
+                           read_bytes=tfds_bytes(source) if source.tfds else None,
+                           on_bytes=hash_bytes)
     n_rejected = write_rejected(checks, run_dir / rd.REJECTED)
     kept = [c.record for c in checks if c.ok]
     log(f"checked {len(checks)} files in {time.perf_counter() - t0:.1f}s: {len(kept)} usable"
         + (f", {n_rejected} left out (see {run_dir / rd.REJECTED})" if n_rejected else ""))
     leakage = check_split_leakage(kept, config.data, log=log, carved=carved_splits(source.records),
-                                  read_bytes=tfds_bytes(source) if source.tfds else None)
+                                  read_bytes=tfds_bytes(source) if source.tfds else None,
+                                  fingerprints=fingerprints)
     kept = leakage.records
     write_leakage_report(leakage, run_dir / rd.LEAKAGE, allowed=config.data.allow_leakage)
     leakage.enforce(config.data.allow_leakage, log)

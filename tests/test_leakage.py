@@ -1,7 +1,12 @@
 """The leakage check of `fit` (jewelclf.data.leakage): the same image in two splits."""
 
+import builtins
 import json
+import os
 import shutil
+import threading
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,9 +15,11 @@ from PIL import Image, ImageDraw
 
 from jewelclf import config as cfg
 from jewelclf.config import DataConfig
+from jewelclf.data.check import check_records
 from jewelclf.data.leakage import (
     carved_splits,
     check_split_leakage,
+    leakage_hasher,
     write_leakage_report,
 )
 from jewelclf.data.sources import Record, load_source
@@ -176,7 +183,92 @@ def test_config_keys_load_from_yaml_and_are_type_checked(tmp_path):
         cfg.resolve(f)
 
 
+def test_fit_reads_each_file_once_for_the_check_and_the_leakage_hash(tmp_path, monkeypatch):
+    # The leakage hashes are taken from the bytes the data check reads (issue 15, item 9).
+    from jewelclf.training import prepare_data
+
+    root = photo_folder(tmp_path / "d")
+    photo(101).resize((120, 96), Image.Resampling.BICUBIC).save(root / "test/watch/small.png")
+    (root / "train/ring/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    files = {os.path.realpath(p) for p in root.rglob("*") if p.is_file()}
+    opened: Counter = Counter()
+    lock = threading.Lock()  # the check reads in worker threads
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in files:
+            with lock:
+                opened[os.path.realpath(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    lines = []
+    run = tmp_path / "run"
+    run.mkdir()
+    prepare_data(str(root), cfg.Config(), run, log=lines.append)
+    monkeypatch.undo()
+
+    assert opened == Counter({f: 1 for f in files})
+    # and the hashes taken during the check still find the leak
+    saved = json.loads((run / "leakage.json").read_text(encoding="utf-8"))
+    assert saved["near"]["held_out_files"] == ["test/watch/small.png"] and saved["files"] == 13
+    assert any(ln.startswith("warning: 1 held-out file(s) (test: 1) look near-identical") for ln in lines), lines
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_hashes_from_the_check_find_what_a_second_read_finds(tmp_path, near):
+    root = photo_folder(tmp_path / "d", train=6, test=2)
+    shutil.copy(root / "train/ring/ring_0.jpg", root / "test/ring/copy.jpg")            # exact, refused
+    photo(101).resize((120, 96)).save(root / "test/watch/small.png")                    # near, warned
+    for i in range(4):  # copies within train: a carved val can take one, which goes back to train
+        shutil.copy(root / f"train/watch/watch_{i}.jpg", root / f"train/watch/again_{i}.jpg")
+        photo(i).resize((100, 80)).save(root / f"train/ring/small_{i}.png")
+    val = ("train/watch/again_", "train/ring/small_", "train/ring/ring_5")  # as if carved from train
+    recs = [replace(r, split="val") if r.key.startswith(val) else r for r in records(root)]
+    config = DataConfig(near_duplicate_check=near)
+    fingerprints, on_bytes = leakage_hasher(config)
+    kept = [c.record for c in check_records(recs, config.max_pixels, config.min_image_side, 2,
+                                            on_bytes=on_bytes) if c.ok]
+    before = dict(fingerprints)
+
+    reread = check_split_leakage(kept, config, carved={"val"})
+    reused = check_split_leakage(kept, config, carved={"val"}, fingerprints=fingerprints)
+
+    assert set(fingerprints) == set(kept) and fingerprints == before  # not re-keyed by the moves
+    assert reused.moved and reused.records == reread.records
+    a, b = reread.to_dict(), reused.to_dict()
+    for d in (a, b):
+        d.pop("seconds")
+        d["message"] = d["message"].split(": ", 1)[1]  # after "... files in 0.1s"
+    assert a == b and a["exact"]["held_out_files"] == ["test/ring/copy.jpg"]
+    assert a["near"]["held_out_files"] == (["test/watch/small.png"] if near else [])
+
+
 def _saved(tmp_path, c):
     p = tmp_path / "config.yaml"
     p.write_text(c.to_yaml())
     return p
+
+
+def test_fit_reads_each_tfds_example_once(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from jewelclf import training
+
+    yielded: Counter = Counter()
+    real = training.tfds_bytes
+
+    def counting_tfds_bytes(source):
+        read = real(source)
+
+        def counted(recs):
+            for r, data in read(recs):
+                yielded[r.key] += 1
+                yield r, data
+
+        return counted
+
+    monkeypatch.setattr(training, "tfds_bytes", counting_tfds_bytes)
+    with tfds.testing.mock_data(num_examples=12):
+        training.prepare_data("tfds:cats_vs_dogs", cfg.Config(), tmp_path, log=lambda _: None)
+        keys = [r.key for r in load_source("tfds:cats_vs_dogs").records]
+    assert len(keys) == 12 and yielded == Counter(keys)

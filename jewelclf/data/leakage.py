@@ -16,10 +16,13 @@ copies of one photo in ``train/``, as it ranks files by a hash of their path: th
 doing, not the data's, so such a copy goes back to train instead of being refused or warned
 about (on the jewellery photos: 3 byte-identical and 7 near-identical files of the carved val).
 
-Usage, in ``prepare_data``, on the records that passed the file check::
+Usage, in ``prepare_data``: the hashes are taken during the file check, from the bytes it
+reads (one read per file), then checked on the records that passed it::
 
+    fingerprints, hash_bytes = leakage_hasher(config.data)
+    checks = check_records(records, ..., on_bytes=hash_bytes)
     leakage = check_split_leakage(kept, config.data, read_bytes=..., log=log,
-                                  carved=carved_splits(source.records))
+                                  carved=carved_splits(source.records), fingerprints=fingerprints)
     kept = leakage.records
     write_leakage_report(leakage, run_dir / rd.LEAKAGE, allowed=config.data.allow_leakage)
     leakage.enforce(config.data.allow_leakage, log)
@@ -37,10 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from jewelclf.config import DataConfig
+from jewelclf.data.check import FileCheck
 from jewelclf.data.report import (
     NEAR_DUPLICATE_DISTANCE,
+    Fingerprint,
     _show,
     duplicate_groups,
+    fingerprint,
     fingerprint_records,
 )
 from jewelclf.data.sources import Record
@@ -202,21 +208,42 @@ def carved_splits(source_records: list[Record]) -> frozenset[str]:
     return frozenset(s for s in ("val", "test") if s not in present)
 
 
+def leakage_hasher(data_config: DataConfig | None = None
+                   ) -> tuple[dict[Record, Fingerprint], Callable[[Record, bytes, FileCheck], None]]:
+    """``(fingerprints, on_bytes)``: pass ``on_bytes`` to
+    :func:`jewelclf.data.check.check_records` and it fills ``fingerprints`` with the hashes of
+    :func:`check_split_leakage` for each file that passes the check, from the bytes the check
+    read (in its worker threads); then pass ``fingerprints`` to :func:`check_split_leakage`.
+    """
+    cfg = data_config or DataConfig()
+    perceptual = bool(cfg.near_duplicate_check)
+    facts: dict[Record, Fingerprint] = {}
+
+    def on_bytes(record: Record, data: bytes, check: FileCheck) -> None:
+        if check.ok:  # only files that pass reach the leakage check
+            facts[check.record] = fingerprint(data, cfg.max_pixels, perceptual=perceptual,
+                                              orientation=False)
+
+    return facts, on_bytes
+
+
 def _unit(r: Record) -> tuple[str, str]:
     return ("group", r.group) if r.group else ("file", r.key)
 
 
 def check_split_leakage(records: list[Record], data_config: DataConfig | None = None,
                         read_bytes: Callable | None = None, log: Callable[[str], None] = print,
-                        carved: Iterable[str] = ()) -> SplitLeakage:
+                        carved: Iterable[str] = (),
+                        fingerprints: dict[Record, Fingerprint] | None = None) -> SplitLeakage:
     """Find the images that appear in more than one split of ``records``.
 
     Call it on records that have their splits and passed the file check (so every one can be
-    read and is under ``data.max_pixels``). Each file is read again and hashed, in
-    ``data.check_workers`` threads: SHA-256 for byte-identical copies, and with
-    ``data.near_duplicate_check`` (and at most :data:`NEAR_CHECK_MAX_FILES` files) the 256-bit
-    perceptual hash for near-identical ones. ``read_bytes`` is the TFDS reader
-    (:func:`jewelclf.data.pipeline.tfds_bytes`), as for ``check_records``.
+    read and is under ``data.max_pixels``). Each file is hashed: SHA-256 for byte-identical
+    copies, and with ``data.near_duplicate_check`` (and at most :data:`NEAR_CHECK_MAX_FILES`
+    files) the 256-bit perceptual hash for near-identical ones. ``fingerprints`` holds hashes
+    already taken (by :func:`leakage_hasher`, during the file check); each record without one
+    is read again and hashed here, in ``data.check_workers`` threads. ``read_bytes`` is the
+    TFDS reader (:func:`jewelclf.data.pipeline.tfds_bytes`), as for ``check_records``.
 
     ``carved`` names the splits that jewelclf carved out of train itself (see
     :func:`carved_splits`): its hash of the file path can put one of two copies of a photo of
@@ -230,7 +257,9 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
     Measured on ``../shared/data/jewellery`` (1,816 files, 55 MB; 2-core CPU at ``nice 19``
     beside a training run, load 4): byte-identical only 0.3-0.6 s; with near duplicates 3.1-3.9 s
     wall, 3.0-3.7 CPU-s (a reduced-size decode per file for the hash; the search 0.1 s), against
-    about 10 CPU-s for the ``check_records`` pass that ``fit`` makes before it.
+    about 10 CPU-s for the ``check_records`` pass that ``fit`` makes before it. With
+    ``fingerprints`` from that pass (as ``fit`` does), the hashing happens in it, on the bytes it
+    read, and this call takes 0.3-0.6 s: the search and the report.
     """
     cfg = data_config or DataConfig()
     carved = frozenset(carved)
@@ -241,7 +270,11 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
         near = False
     distance = NEAR_DUPLICATE_DISTANCE if near else None
     t0 = time.perf_counter()
-    facts = fingerprint_records(records, near, cfg.check_workers, cfg.max_pixels, read_bytes)
+    fingerprints = fingerprints or {}
+    facts = {r: fingerprints[r] for r in records if r in fingerprints}  # a copy: moves re-key it
+    missing = [r for r in records if r not in facts]
+    if missing:
+        facts.update(fingerprint_records(missing, near, cfg.check_workers, cfg.max_pixels, read_bytes))
 
     def across(recs: list[Record]) -> tuple[list[dict], list[dict]]:
         exact, near_groups = duplicate_groups(((r, facts[r]) for r in recs if r in facts), distance)
