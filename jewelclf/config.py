@@ -279,6 +279,11 @@ def validate(config: Config) -> Config:
     for key in fractions:
         if not 0.0 <= flat[key] < 1.0 and not (key == "augment.blur" and flat[key] == 1.0):
             raise JewelclfError(f"config key '{key}' must be in [0, 1), got {flat[key]}")
+    if (flat["train.stage1.cache_features"] == "on" and flat["augment.enabled"]
+            and flat["augment.in_stage1"]):
+        raise JewelclfError("config keys 'train.stage1.cache_features: on' and 'augment.in_stage1: "
+                            "true' contradict each other: cached features cannot be augmented; set "
+                            "cache_features to auto (or off) to augment stage 1, or in_stage1 to false")
     if flat["data.val_fraction"] + flat["data.test_fraction"] >= 0.9:
         raise JewelclfError("config keys 'data.val_fraction' + 'data.test_fraction' must stay below 0.9")
     if not 0.0 < flat["train.stage2.reduce_lr_factor"] < 1.0:

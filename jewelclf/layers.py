@@ -55,11 +55,26 @@ class BackbonePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_augmentation(cfg: AugmentConfig, seed: int | None = None) -> keras.Sequential:
+@keras.saving.register_keras_serializable(package="jewelclf")
+class Augmentation(keras.Sequential):
+    """Keras' random layers in sequence, active only when called with ``training=True``.
+
+    Keras' own random layers default to ``training=True``, so a plain ``model(x)``, with no
+    flag, would augment; this block passes pixels through unless training is asked for.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not training:
+            return inputs
+        return super().call(inputs, training=True, mask=mask)
+
+
+def build_augmentation(cfg: AugmentConfig, seed: int | None = None) -> Augmentation:
     """Random crop/zoom, flip, colour jitter and blur as one Keras block.
 
-    The layers are active only when the model is called with ``training=True``; at inference
-    they pass pixels through untouched, so the trained model and its export agree exactly.
+    The layers are active only when the model is called with ``training=True``; at inference,
+    and when no flag is given, they pass pixels through untouched, so the trained model and its
+    export agree exactly.
     """
     layers: list[keras.layers.Layer] = []
 
@@ -89,4 +104,4 @@ def build_augmentation(cfg: AugmentConfig, seed: int | None = None) -> keras.Seq
         layers.append(keras.layers.RandomGaussianBlur(cfg.blur, kernel_size=3, sigma=1.0,
                                                       value_range=(0, 255), seed=s(7),
                                                       name="random_blur"))
-    return keras.Sequential(layers, name="augmentation")
+    return Augmentation(layers, name="augmentation")

@@ -1,8 +1,15 @@
 """The classifier: raw pixels in, class probabilities out.
 
-``pixels (0..255) -> augmentation (training only) -> backbone preprocessing -> backbone
-(training=False) -> GlobalAveragePooling2D ("pool") -> head: Dropout -> [Dense hidden] ->
-Dense softmax (float32)``.
+``pixels (0..255) -> augmentation (training only) -> backbone preprocessing -> backbone ->
+GlobalAveragePooling2D ("pool") -> head: Dropout -> [Dense hidden] -> Dense softmax (float32)``.
+
+BatchNorm inside the backbone is frozen by ``trainable=False`` alone: Keras runs a
+non-trainable ``BatchNormalization`` in inference mode, so its moving statistics never change,
+in stage 2 too (:func:`unfreeze_top_blocks` never makes one trainable). The backbone's call
+carries ``training=False``, but that does not do it: in Keras 3 the ``training`` flag of the
+outer model's call reaches the layers inside the backbone. So the backbone's own dropout
+(EfficientNet's drop-connect) runs in training steps, as when the backbone was trained, and
+never at inference.
 
 The head is its own small Keras model so that stage 1 can train it on cached features; the
 same layer objects sit inside the full model, so nothing is copied between the two.
@@ -71,8 +78,7 @@ def build_classifier(config: Config, num_classes: int) -> keras.Model:
         if config.augment.enabled:
             x = build_augmentation(config.augment, seed=config.train.seed)(x)
         x = BackbonePreprocessing(spec.preprocessing, name=PREPROCESSING)(x)
-    # training=False keeps BatchNorm in inference mode, even when the base is unfrozen later.
-    x = base(x, training=False)
+    x = base(x, training=False)  # overridden by the outer call's flag; see the module docstring
     features = keras.layers.GlobalAveragePooling2D(name=POOL)(x)
     head = build_head(spec.feature_size, num_classes, config.model.head_units,
                       config.model.dropout)

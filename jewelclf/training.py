@@ -5,10 +5,10 @@ backbone's pooled features are computed once and the head trains on them, which 
 stage-1 epoch from a pass through the backbone into a fraction of a second.
 
 Stage 2 unfreezes the backbone's top blocks one more per step, recompiling after each unfreeze
-with a low learning rate. BatchNorm stays frozen (the backbone is called with
-``training=False`` and its BatchNorm layers are never made trainable). Early stopping and
-learning-rate reduction watch the validation loss, and the best weights seen in the whole run
-are restored at the end.
+with a low learning rate, each step starting from the best weights so far. BatchNorm stays
+frozen: its layers are never made trainable, and a non-trainable ``BatchNormalization`` runs in
+inference mode in Keras. Early stopping and learning-rate reduction watch the validation loss
+over the whole stage, and the best weights seen are restored at the end.
 
 ``train.precision`` sets Keras' dtype policy while the model is built and trained (the softmax
 stays float32), ``train.jit_compile`` goes to every ``compile()``, and ``train.distribute`` builds
@@ -53,6 +53,7 @@ from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import compute_metrics, format_report, prediction_rows, write_evaluation
 from jewelclf.model import (HEAD, build_classifier, feature_extractor, image_size,
                             unfreeze_top_blocks, without_augmentation)
+from jewelclf.plateau import StagePlateau
 from jewelclf.progress import AtomicModelCheckpoint, Progress, trim_history
 
 Log = Callable[[str], None]
@@ -168,9 +169,10 @@ class HistoryRecorder(keras.callbacks.Callback):
         return min(values) if values else math.inf
 
     @property
-    def best_val_accuracy(self) -> float:
-        values = [float(r["val_accuracy"]) for r in self.rows if r.get("val_accuracy")]
-        return max(values) if values else 0.0
+    def best_row(self) -> dict[str, str] | None:
+        """The row of the lowest val_loss (the epoch whose weights are restored), else ``None``."""
+        rows = [r for r in self.rows if r.get("val_loss")]
+        return min(rows, key=lambda r: float(r["val_loss"])) if rows else None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
@@ -351,14 +353,21 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
     summary = {"epochs": recorder.epochs_done, "seconds": round(seconds, 1),
                "feature_seconds": round(t_features, 1), "cached_features": use_cache,
                "jit_compile": bool(trainee.jit_compile),
-               "best_val_loss": recorder.best_val_loss,
-               "best_val_accuracy": recorder.best_val_accuracy}
+               **_restored(recorder.best_row)}
     log(f"stage 1 (head{', cached features' if use_cache else ''}): {summary['epochs']} epochs in "
-        f"{seconds:.1f}s, best val_loss {summary['best_val_loss']:.4f}, "
-        f"val_accuracy {summary['best_val_accuracy']:.4f}")
+        f"{seconds:.1f}s; restored epoch {summary['restored_epoch']}: val_loss "
+        f"{summary['best_val_loss']:.4f}, val_accuracy {summary['val_accuracy']:.4f}")
     if progress is not None:
         progress.complete("stage1", model, summary)
     return summary
+
+
+def _restored(row: dict[str, str] | None) -> dict[str, Any]:
+    """The figures of the epoch whose weights were restored (a ``history.csv`` row)."""
+    if row is None:
+        return {"best_val_loss": math.inf, "val_accuracy": 0.0, "restored_epoch": 0}
+    return {"best_val_loss": float(row["val_loss"]), "val_accuracy": float(row.get("val_accuracy") or 0.0),
+            "restored_epoch": int(row["epoch"])}
 
 
 def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: dict | None,
@@ -366,10 +375,13 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
                  progress: Progress | None = None) -> dict[str, Any]:
     """Progressive unfreezing of the backbone's top blocks, one more per step.
 
-    Each step recompiles (a new optimizer for the new trainable set) and trains until early
-    stopping; a step that does not improve on the best val_loss ends stage 2. The best weights
-    of the whole stage are restored at the end. With ``progress``, finished steps are skipped
-    and an interrupted step resumes from its last epoch, optimizer state included.
+    Each step starts from the best weights so far (by val_loss), recompiles (a new optimizer
+    for the new trainable set) and trains its share of the epochs. Patience and the plateau's
+    learning-rate cuts count over the whole stage (:class:`jewelclf.plateau.StagePlateau`):
+    ``train.stage2.patience`` epochs in a row without a lower val_loss end stage 2, and so does
+    a step that does not improve on the best. The best weights are restored at the end, and the
+    summary gives the figures of that epoch. With ``progress``, finished steps are skipped and an
+    interrupted step resumes from its last epoch, optimizer state included.
     """
     cfg = config.train.stage2
     spec = get_backbone(config.model.backbone)
@@ -378,14 +390,18 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
         return {"epochs": 0}
     t0 = time.perf_counter()
     best_path = run_dir / rd.BEST_CHECKPOINT
-    best = progress.value("stage2_start_val_loss") if progress is not None else None
-    if best is None or not best_path.exists():
+    start = progress.value("stage2_start") if progress is not None else None
+    if start is None or not best_path.exists():
         _compile(model, cfg.learning_rate, config)
-        best = float(model.evaluate(val_ds, verbose=0, return_dict=True)["loss"])
+        figures = model.evaluate(val_ds, verbose=0, return_dict=True)
+        start = {"val_loss": float(figures["loss"]), "val_accuracy": float(figures["accuracy"])}
         rd.atomic_save(best_path, model.save_weights)
         if progress is not None:
-            progress.set_value("stage2_start_val_loss", best)
-        log(f"stage 2: start from val_loss {best:.4f}; unfreezing up to {steps} block(s)")
+            progress.set_value("stage2_start", start)
+        log(f"stage 2: start from val_loss {start['val_loss']:.4f}; unfreezing up to {steps} block(s)")
+    plateau = StagePlateau(start["val_loss"], start["val_accuracy"], cfg.patience,
+                           cfg.reduce_lr_patience, cfg.reduce_lr_factor, cfg.learning_rate)
+    plateau.replay(_phase_rows(run_dir / rd.HISTORY, "stage2."))  # a resumed run's earlier epochs
     per_step = [cfg.epochs // steps + (1 if i < cfg.epochs % steps else 0) for i in range(steps)]
     done = 0
     unfrozen: list[str] = []
@@ -399,12 +415,16 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             unfrozen = record["unfrozen_blocks"]
             if record["stopped"]:
                 break
-            best = min(best, record["best_val_loss"])
             continue
+        # The best before this step (a resumed step's own earlier epochs not counted).
+        best_before = min([start["val_loss"]] + [float(r["val_loss"]) for r in _phase_rows(
+            run_dir / rd.HISTORY, "stage2.") if r["phase"] != phase])
+        _quietly_load(model, best_path)  # the step starts from the best weights so far
         unfrozen = unfreeze_top_blocks(model, spec, step)
         # Recompile after changing trainability, so the optimizer sees the new variables.
-        _compile(model, cfg.learning_rate, config)
+        _compile(model, plateau.learning_rate, config)
         recorder = HistoryRecorder(run_dir / rd.HISTORY, phase, epoch_offset + done)
+        plateau.epoch_offset = epoch_offset + done
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log(f"stage 2 step {step}: unfrozen {', '.join(unfrozen)} ({trainable:,} trainable weights)"
             + (f"; resuming after epoch {recorder.epochs_done}" if recorder.epochs_done else ""))
@@ -412,31 +432,40 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             recorder,
             AtomicModelCheckpoint(
                 str(best_path), monitor="val_loss", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=min(best, recorder.best_val_loss), verbose=0),
-            keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience,
-                                          baseline=_finite(recorder.best_val_loss)),
-            keras.callbacks.ReduceLROnPlateau("val_loss", factor=cfg.reduce_lr_factor,
-                                              patience=cfg.reduce_lr_patience, verbose=0),
+                initial_value_threshold=plateau.best, verbose=0),
+            plateau,
         ]
         if progress is not None:
             callbacks.append(progress.backup(phase))
         model.fit(train_ds, validation_data=val_ds, epochs=n_epochs, class_weight=weights,
                   verbose=_verbose(), shuffle=False, callbacks=callbacks)
         done += recorder.epochs_done
-        step_best = recorder.best_val_loss
-        stopped = step_best >= best
+        stopped = plateau.stopped or recorder.best_val_loss >= best_before
         if progress is not None:
-            progress.complete(phase, model, {"epochs": recorder.epochs_done, "best_val_loss": step_best,
+            progress.complete(phase, model, {"epochs": recorder.epochs_done,
+                                             "best_val_loss": recorder.best_val_loss,
                                              "unfrozen_blocks": unfrozen, "stopped": stopped})
         if stopped:
-            log(f"stage 2 step {step}: no improvement on val_loss {best:.4f}; stopping stage 2")
+            why = (f"{cfg.patience} epoch(s) in a row without a lower val_loss" if plateau.stopped
+                   else f"no improvement on val_loss {best_before:.4f}")
+            log(f"stage 2 step {step}: {why}; stopping stage 2")
             break
-        best = step_best
     _quietly_load(model, best_path)
     seconds = time.perf_counter() - t0
-    log(f"stage 2 (unfreezing): {done} epochs in {seconds:.1f}s, best val_loss {best:.4f} restored")
-    return {"epochs": done, "seconds": round(seconds, 1), "best_val_loss": best,
+    restored = plateau.summary()
+    where = f"epoch {restored['restored_epoch']}" if restored["restored_epoch"] else "its start"
+    log(f"stage 2 (unfreezing): {done} epochs in {seconds:.1f}s; restored the weights of {where}: "
+        f"val_loss {restored['best_val_loss']:.4f}, val_accuracy {restored['val_accuracy']:.4f}")
+    return {"epochs": done, "seconds": round(seconds, 1), **restored,
             "unfrozen_blocks": unfrozen, "jit_compile": bool(model.jit_compile)}
+
+
+def _phase_rows(history: Path, prefix: str) -> list[dict[str, str]]:
+    """The rows of ``history.csv`` whose phase starts with ``prefix``, in order."""
+    if not history.is_file():
+        return []
+    with open(history, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if r["phase"].startswith(prefix)]
 
 
 @dataclass
@@ -501,7 +530,19 @@ def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path
                           ds.class_weights, work_dir, log, features=ds.features, progress=progress)
         s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
                           s1.get("epochs", 0), log, progress=progress)
-    return {"stage1": s1, "stage2": s2}
+    augmented = stages_augmented(config, s1, s2)
+    if config.augment.enabled and not any(augmented.values()):
+        log("note: no augmentation ran: stage 1 trained on cached features and stage 2 trained "
+            "no epoch (augment.in_stage1 with train.stage1.cache_features: auto augments stage 1)")
+    return {"stage1": s1, "stage2": s2, "augmented": augmented}
+
+
+def stages_augmented(config: Config, stage1: dict[str, Any], stage2: dict[str, Any]) -> dict[str, bool]:
+    """Which stages trained on augmented images (what ran, whatever ``augment.enabled`` says)."""
+    on = config.augment.enabled
+    return {"stage1": bool(on and config.augment.in_stage1 and stage1.get("epochs", 0)
+                           and not stage1.get("cached_features", False)),
+            "stage2": bool(on and stage2.get("epochs", 0))}
 
 
 # ---------------------------------------------------------------------------------------------

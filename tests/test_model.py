@@ -120,3 +120,31 @@ def test_saved_model_reloads_identically(tmp_path):
     model.save(path)
     again = keras.saving.load_model(path)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(again(x)), atol=1e-6)
+
+
+def test_the_model_applies_the_backbones_preprocessing_before_the_backbone():
+    # tiny_cnn takes "tf" preprocessing (-1..1): the model must be head(pool(base(x / 127.5 - 1))).
+    from keras.applications import imagenet_utils
+
+    model = build_classifier(_config(), 3)
+    x = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    base = model.get_layer("backbone")
+    pooled = np.asarray(base(imagenet_utils.preprocess_input(x.copy(), mode="tf"))).mean(axis=(1, 2))
+    expected = np.asarray(model.get_layer("head")(pooled))
+    np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_never_runs_at_inference():
+    from jewelclf.model import without_augmentation
+
+    conf = cfg.resolve(None, {"model": {"backbone": "tiny_cnn", "weights": "none"},
+                              "data": {"image_size": 32},
+                              "augment": {"enabled": True, "zoom": 0.5, "brightness": 0.5,
+                                          "contrast": 0.5, "blur": 0.9}})
+    model = build_classifier(conf, 3)
+    assert model.get_layer("augmentation").layers       # augmentation is in the model
+    x = np.random.default_rng(3).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    plain = np.asarray(without_augmentation(model)(x))
+    for out in (model(x), model(x, training=False), model.predict(x, verbose=0)):
+        np.testing.assert_allclose(np.asarray(out), plain, atol=1e-6)  # float rounding only
+    assert not np.allclose(np.asarray(model(x, training=True)), plain)  # ... and runs in training
