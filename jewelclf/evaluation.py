@@ -133,12 +133,14 @@ def predict_records(model, source, records, class_names: list[str], config) -> t
     from jewelclf.data.pipeline import batched, decoded_dataset
     from jewelclf.model import image_size
 
+    index = {c: i for i, c in enumerate(class_names)}
+    y_true = np.array([index[r.label] for r in records], dtype=int)
+    if not records:  # never run the model on zero rows
+        return y_true, np.zeros((0, len(class_names)), np.float32)
     size = image_size(config)
     ds = decoded_dataset(source, records, config.data, size)
     ds = batched(ds, len(class_names), config.data.batch_size)
     probs = model.predict(ds, verbose=0)
-    index = {c: i for i, c in enumerate(class_names)}
-    y_true = np.array([index[r.label] for r in records], dtype=int)
     return y_true, probs
 
 
@@ -260,20 +262,22 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     the split, its source, the number of images and a fingerprint of their list. Unreadable
     files are reported in ``rejected_files.csv`` and left out.
     """
-    import keras
-
     from jewelclf import config as config_mod
     from jewelclf.data.check import check_records, write_rejected
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
-    from jewelclf.rundir import CLASS_NAMES, CONFIG, MODEL, require_finished_run
-
-    import jewelclf.layers  # noqa: F401  (registers the custom layers for loading)
+    from jewelclf.rundir import CLASS_NAMES, CONFIG, MODEL, load_model_file, require_finished_run
 
     run_dir = Path(run_dir)
     info = require_finished_run(run_dir)
     config = config_mod.from_dict(config_mod.load_yaml(run_dir / CONFIG), source=str(run_dir / CONFIG))
-    class_names = json.loads((run_dir / CLASS_NAMES).read_text(encoding="utf-8"))
+    try:
+        class_names = json.loads((run_dir / CLASS_NAMES).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise JewelclfError(f"'{run_dir / CLASS_NAMES}' is missing or not JSON; the run is "
+                            f"incomplete, train it again") from None
+    # Before DATA is read: a corrupt model must not cost a pass over every image first.
+    model = load_model_file(run_dir / MODEL, len(class_names))
     source = load_source(data_spec)
     chosen = choose_records(run_dir, info, source, split)
     records = chosen.records
@@ -294,7 +298,6 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     records = [c.record for c in checks if c.ok]
     if not records:
         raise JewelclfError(f"no readable images in '{data_spec}'; see {out_dir / 'rejected_files.csv'}")
-    model = keras.saving.load_model(run_dir / MODEL, compile=False)
     y_true, probs = predict_records(model, source, records, class_names, config)
     metrics = compute_metrics(y_true, probs, class_names, config.train.top_k)
     metrics["data"] = data_spec

@@ -131,9 +131,6 @@ def require_tensorflow_backend() -> None:
 
 def load_run(run_dir: Path) -> RunModel:
     """Load a finished run's Keras model, class names and input settings."""
-    import keras
-
-    import jewelclf.layers  # noqa: F401  (registers BackbonePreprocessing for loading)
     from jewelclf import config as config_mod
     from jewelclf import rundir as rd
 
@@ -151,19 +148,8 @@ def load_run(run_dir: Path) -> RunModel:
                             f"incomplete, train it again") from None
     config = config_mod.from_dict(config_mod.load_yaml(run_dir / rd.CONFIG),
                                   source=str(run_dir / rd.CONFIG))
-    try:
-        model = keras.saving.load_model(run_dir / rd.MODEL, compile=False)
-    except Exception as e:  # a corrupt or foreign file surfaces as many exception types
-        raise JewelclfError(f"cannot load '{run_dir / rd.MODEL}' ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:150] if str(e) else ''}); train the run again") from None
-    shape = model.input_shape
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] is None:
-        raise JewelclfError(f"'{run_dir / rd.MODEL}' takes input {shape}, not square RGB pixels; "
-                            f"it was not made by jewelclf fit")
-    if model.output_shape[-1] != len(class_names):
-        raise JewelclfError(f"'{run_dir / rd.MODEL}' has {model.output_shape[-1]} outputs but "
-                            f"'{rd.CLASS_NAMES}' names {len(class_names)} classes; the run is inconsistent")
-    return RunModel(run_dir, model, [str(c) for c in class_names], int(shape[1]),
+    model = rd.load_model_file(run_dir / rd.MODEL, len(class_names))
+    return RunModel(run_dir, model, [str(c) for c in class_names], int(model.input_shape[1]),
                     config.data.resize, int(config.train.top_k), config, info)
 
 
@@ -211,12 +197,12 @@ def _round_robin(rows: list, label_of: Callable[[Any], str], n: int) -> list:
     return out
 
 
-def _read_records(source, records) -> list[tuple[Any, bytes | None, str]]:
-    """(record, bytes or None, reason) for each record, checked with the training data check."""
+def _read_records(source, records, cfg) -> list[tuple[Any, bytes | None, str]]:
+    """(record, bytes or None, reason) for each record, checked with the training data check
+    under ``cfg`` (the run's :class:`jewelclf.config.DataConfig`: its pixel and side limits)."""
     from jewelclf.data.check import check_records
     from jewelclf.data.pipeline import tfds_bytes
 
-    cfg = _default_data_config()
     if source.tfds is not None:
         pairs = list(tfds_bytes(source)(records))
         from jewelclf.data.check import check_bytes
@@ -234,12 +220,6 @@ def _read_records(source, records) -> list[tuple[Any, bytes | None, str]]:
     return out
 
 
-def _default_data_config():
-    from jewelclf.config import DataConfig
-
-    return DataConfig()
-
-
 def run_images(run: RunModel, splits: Iterable[str], n: int, data_spec: str | None = None) -> list[LabelledImage]:
     """Up to ``n`` readable images of the run's data, from the first of ``splits`` that has any,
     spread over the classes. ``data_spec`` overrides the run's data (all of it is used)."""
@@ -249,7 +229,8 @@ def run_images(run: RunModel, splits: Iterable[str], n: int, data_spec: str | No
         source = load_source(data_spec)
         candidates = [r for r in source.records if r.label in run.class_names]
     else:
-        spec = run.info.get("data")
+        # data_path is absolute (fit's "data" may be relative to the folder fit ran in)
+        spec = run.info.get("data_path") or run.info.get("data")
         if not spec:
             raise JewelclfError(f"'{run.run_dir}/run_info.json' does not name the training data; "
                                 f"pass --parity-data DATA")
@@ -270,7 +251,7 @@ def run_images(run: RunModel, splits: Iterable[str], n: int, data_spec: str | No
             candidates = [r for r in source.records if r.label in run.class_names]
     picked = _round_robin(candidates, lambda r: r.label, max(n * 2, n + 4))
     out = []
-    for rec, data, _ in _read_records(source, picked):
+    for rec, data, _ in _read_records(source, picked, run.config.data):
         if data is not None and len(out) < n:
             out.append(LabelledImage(rec.key, rec.label, data))
     if not out:
@@ -395,6 +376,28 @@ def resize_batch(pixels, size: int, resize: str):
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
 
 
+def run_on_valid_rows(fn: Callable, x, valid, dim: int):
+    """``fn`` (a batch ``[m, ...]`` -> ``[m, dim]``) on the rows of ``x`` where ``valid`` is true,
+    scattered back into a float32 ``[n, dim]`` tensor that is zero on the other rows.
+
+    ``fn`` never sees an invalid row, and never runs at all when no row is valid (an empty
+    request included): oneDNN's Conv2D on a zero-row batch inside a graph returns a tensor of
+    the wrong shape on some CPUs (AVX512-FP16 Xeons), which fails the request.
+    """
+    import tensorflow as tf
+
+    shape = tf.stack([tf.shape(x)[0], dim])
+    rows = tf.cast(tf.where(valid)[:, 0], tf.int32)
+
+    def run():
+        out = tf.cast(fn(tf.gather(x, rows)), tf.float32)
+        return tf.scatter_nd(rows[:, None], out, shape)
+
+    out = tf.cond(tf.size(rows) > 0, run, lambda: tf.zeros(shape, tf.float32))
+    out.set_shape([None, dim])
+    return out
+
+
 def build_archive(run: RunModel):
     """The ExportArchive with the three signatures (not yet written)."""
     import keras
@@ -403,14 +406,17 @@ def build_archive(run: RunModel):
     model, size, resize, k = run.model, run.image_size, run.resize, run.k
     names = list(run.class_names)
     embedder = run.embedder()  # shares model's layers and variables: nothing more to track
+    embed_dim = int(embedder.output.shape[-1])
 
     def decode(images):
         pixels, valid = decode_batch(images, size, resize)
         return pixels, valid, tf.where(valid, tf.constant(""), _diagnose(images))
 
+    def network(fn):
+        return lambda pixels: fn(tf.cast(pixels, tf.float32), training=False)
+
     def classify(pixels, valid):
-        probs = tf.cast(model(tf.cast(pixels, tf.float32), training=False), tf.float32)
-        probs = tf.where(valid[:, None], probs, tf.zeros_like(probs))
+        probs = run_on_valid_rows(network(model), pixels, valid, len(names))
         scores, top = tf.math.top_k(probs, k=k)
         classes = tf.gather(tf.constant(names, tf.string), top)
         classes = tf.where(valid[:, None], classes, tf.constant(""))
@@ -424,8 +430,7 @@ def build_archive(run: RunModel):
 
     def serve_embed(images):
         pixels, valid, error = decode(images)
-        vectors = tf.cast(embedder(tf.cast(pixels, tf.float32), training=False), tf.float32)
-        vectors = tf.where(valid[:, None], vectors, tf.zeros_like(vectors))
+        vectors = run_on_valid_rows(network(embedder), pixels, valid, embed_dim)
         return {EMBED_OUTPUT: vectors, "valid": valid, "error": error}
 
     def serve_pixels(pixels):
@@ -691,8 +696,10 @@ def check_signature_contract(signatures: dict[str, Any], n_classes: int, k: int,
 # Accuracy on a labelled folder (Keras vs. the export)
 
 
-def labelled_test_images(spec: str, class_names: list[str]) -> tuple[list[Any], list[bytes], np.ndarray, int]:
-    """Readable records of ``spec`` (its test split if it has one), their bytes and labels."""
+def labelled_test_images(spec: str, class_names: list[str],
+                         data_cfg) -> tuple[list[Any], list[bytes], np.ndarray, int]:
+    """Readable records of ``spec`` (its test split if it has one), their bytes and labels,
+    checked under ``data_cfg`` (the run's data limits)."""
     from jewelclf.data.sources import load_source
 
     source = load_source(spec)
@@ -703,7 +710,7 @@ def labelled_test_images(spec: str, class_names: list[str]) -> tuple[list[Any], 
     if unknown:
         raise JewelclfError(f"'{spec}' has class(es) {', '.join(unknown)} that the model was not "
                             f"trained on (it knows {', '.join(class_names)}); remove or rename them")
-    read = _read_records(source, records)
+    read = _read_records(source, records, data_cfg)
     kept = [(r, b) for r, b, _ in read if b is not None]
     if not kept:
         raise JewelclfError(f"no readable images in '{spec}'")
@@ -733,7 +740,7 @@ def savedmodel_probabilities(saved_model: Path, encoded: list[bytes], batch_size
 
 def compare_accuracy(run: RunModel, spec: str, export_probs: Callable[[list[bytes]], np.ndarray],
                      name: str, log: Log) -> dict[str, Any]:
-    _, encoded, y, rejected = labelled_test_images(spec, run.class_names)
+    _, encoded, y, rejected = labelled_test_images(spec, run.class_names, run.config.data)
     log(f"accuracy check on {len(encoded)} images of '{spec}'...")
     kp = keras_test_probabilities(run, encoded)
     ep = export_probs(encoded)
@@ -1027,7 +1034,7 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
 
         representative = _representative
 
-    test = labelled_test_images(test_data, run.class_names) if test_data else None
+    test = labelled_test_images(test_data, run.class_names, run.config.data) if test_data else None
     keras_test = keras_test_probabilities(run, test[1]) if test else None
     test_pixels = None
     if test:
@@ -1087,8 +1094,6 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
 def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | None = None,
                  overwrite: bool = False, log: Log = print) -> dict[str, Any]:
     """Copy ``model.keras`` with its class names and input description; check the copy loads."""
-    import keras
-
     from jewelclf import rundir as rd
 
     run_dir = Path(run_dir)
@@ -1098,7 +1103,7 @@ def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | N
     rd.atomic_save(out_dir / rd.MODEL, lambda tmp: shutil.copyfile(run_dir / rd.MODEL, tmp))
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
     pixels = keras_pixels([im.data for im in images], run.image_size, run.resize)
-    copy = keras.saving.load_model(out_dir / rd.MODEL, compile=False)
+    copy = rd.load_model_file(out_dir / rd.MODEL, len(run.class_names))
     diff = float(np.abs(keras_probabilities(copy, pixels) - keras_probabilities(run.model, pixels)).max())
     info = {"format": "keras", **run.describe(),
             "input": f"float32 [batch, {run.image_size}, {run.image_size}, 3] RGB pixels 0..255, "

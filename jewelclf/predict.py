@@ -248,15 +248,10 @@ class PixelModelPredictor(Predictor):
 
 class KerasPredictor(PixelModelPredictor):
     def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int):
-        import keras
-
-        import jewelclf.layers  # noqa: F401  (registers BackbonePreprocessing)
+        from jewelclf.rundir import load_model_file
 
         super().__init__(image_size, resize, class_names, k)
-        try:
-            self.model = keras.saving.load_model(path, compile=False)
-        except Exception as e:
-            raise JewelclfError(f"cannot load '{path}' ({_first_line(e)})") from None
+        self.model = load_model_file(path, len(class_names))
         self.description = f"Keras model {path}"
 
     def _probabilities(self, pixels):
@@ -283,20 +278,35 @@ class TFLitePredictor(PixelModelPredictor):
         return tflite_probabilities(self.interpreter, pixels)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise JewelclfError(f"'{path}' cannot be read as JSON ({_first_line(e)}); export the "
+                            f"model again, or point at the run dir") from None
+
+
 def _pixel_model_info(folder: Path) -> dict[str, Any]:
     """image_size, resize, class_names and top_k from ``jewelclf.json`` or a run dir."""
     from jewelclf.export import INFO
 
     info_path = folder / INFO
     if info_path.is_file():
-        return json.loads(info_path.read_text(encoding="utf-8"))
+        info = _read_json(info_path)
+        if not isinstance(info, dict) or not isinstance(info.get("class_names"), list):
+            raise JewelclfError(f"'{info_path}' names no class_names; export the run again with "
+                                f"jewelclf export")
+        return info
     if (folder / "config.yaml").is_file() and (folder / "class_names.json").is_file():
         from jewelclf import config as config_mod
         from jewelclf.model import image_size as config_image_size
 
         config = config_mod.from_dict(config_mod.load_yaml(folder / "config.yaml"),
                                       source=str(folder / "config.yaml"))
-        names = json.loads((folder / "class_names.json").read_text(encoding="utf-8"))
+        names = _read_json(folder / "class_names.json")
+        if not isinstance(names, list):
+            raise JewelclfError(f"'{folder / 'class_names.json'}' is not a list of class names; "
+                                f"the run is incomplete, train it again")
         try:
             size = config_image_size(config)
         except JewelclfError:

@@ -339,6 +339,43 @@ def require_finished_run(run_dir: Path) -> dict[str, Any]:
     return info
 
 
+def load_model_file(path: Path, num_classes: int | None = None):
+    """Load a ``.keras`` model saved by ``jewelclf fit`` (``compile=False``).
+
+    A corrupt or foreign file, a model that does not take square RGB pixels, or (when
+    ``num_classes`` is given) one with another number of outputs is a one-line
+    :class:`JewelclfError` naming the file; callers load before reading any data, so a bad
+    model costs no decoding.
+    """
+    import keras
+
+    import jewelclf.embedding  # noqa: F401  (registers L2Normalize for loading)
+    import jewelclf.layers  # noqa: F401  (registers BackbonePreprocessing for loading)
+
+    path = Path(path)
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # a corrupt or foreign file surfaces as many exception types
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise JewelclfError(
+            f"cannot load '{path}' ({type(e).__name__}: {lines[0][:150] if lines else ''}); it is "
+            f"not a Keras model saved by jewelclf fit: train the run again or pass the right file"
+        ) from None
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):  # a model never built on an input
+        shape = None
+    if (not isinstance(shape, tuple) or len(shape) != 4 or shape[1] is None
+            or shape[1] != shape[2] or shape[3] != 3):
+        raise JewelclfError(f"'{path}' takes input {shape}, not square RGB pixels; it is not a "
+                            f"model saved by jewelclf fit: train the run again or pass the right file")
+    if num_classes is not None and model.output_shape[-1] != num_classes:
+        raise JewelclfError(f"'{path}' has {model.output_shape[-1]} outputs but '{CLASS_NAMES}' "
+                            f"beside it names {num_classes} classes; the run is inconsistent: "
+                            f"train it again")
+    return model
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Hold an exclusive lock on ``run_dir`` for the life of a command.

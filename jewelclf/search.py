@@ -165,18 +165,11 @@ def same_model(recorded: dict[str, Any], model_file: Path) -> bool:
     return _sha256(model_file) == recorded.get("sha256")
 
 
-def load_keras_model(model_file: Path):
-    import keras
+def load_keras_model(model_file: Path, num_classes: int | None = None):
+    """The Keras model in ``model_file``; a corrupt or foreign file is a one-line error."""
+    from jewelclf.rundir import load_model_file
 
-    import jewelclf.embedding  # noqa: F401  (registers L2Normalize)
-    import jewelclf.layers  # noqa: F401  (registers BackbonePreprocessing)
-
-    try:
-        return keras.saving.load_model(model_file, compile=False)
-    except Exception as e:  # a corrupt or foreign file surfaces as many exception types
-        first = str(e).splitlines()[0][:150] if str(e) else ""
-        raise JewelclfError(f"cannot load '{model_file}' ({type(e).__name__}: {first}); pass a "
-                            f"model saved by jewelclf fit") from None
+    return load_model_file(model_file, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -686,6 +679,10 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
             kept.append((row, Item(it.id, r.key, r.path, r.label, sku, *st, it.sha256)))
         else:
             candidates.append((r, st, sku))
+    model = None
+    if candidates:  # some file may need embedding: a bad model file fails before any is read
+        model = load_keras_model(ref.model_file, len(ref.class_names)
+                                 if ref.run_dir is not None and ref.class_names else None)
     hashes = _hash_files([r.path if st is not None else None for r, st, _ in candidates])
     to_embed = []
     for (r, st, sku), digest in zip(candidates, hashes):
@@ -715,7 +712,6 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
 
     t_embed = time.perf_counter()
     if new_records:
-        model = load_keras_model(ref.model_file)
         size = int(model.input_shape[1])
         if ref.image_size and ref.image_size != size:
             raise JewelclfError(f"'{ref.model_file}' takes {size} px but its config says "
