@@ -1,6 +1,8 @@
 """Shared fixtures: tiny generated images and a tiny test-only backbone.
 
-Images are 24-48 px, coloured by class so that a small network can learn them in seconds.
+Images are 24-48 px, coloured by class so that a small network can learn them in seconds: they
+prove plumbing, not learning. ``make_texture_folder`` is the learning task (textures under random
+colours, see tests/test_learning.py).
 ``tiny_cnn`` is registered in the backbone registry for tests only: two conv blocks with
 BatchNorm (so the BatchNorm freeze is exercised), ``weights=None``.
 """
@@ -59,6 +61,41 @@ def make_class_folder(root: Path, per_class: int = 10, classes=CLASSES, seed: in
     for ci, c in enumerate(classes):
         for i in range(per_class):
             make_image(c, seed * 10_000 + ci * 1000 + i, path=root / c / f"{c}_{i:03d}.jpg")
+    return root
+
+
+TEXTURES = {"necklace": "horizontal stripes", "ring": "vertical stripes", "watch": "checks"}
+
+
+def make_texture(label: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """uint8 ``[size, size, 3]``: the class is the texture of ``TEXTURES[label]``, drawn in two
+    random colours with a random period and phase under noise, so mean colour says nothing."""
+    bg = rng.integers(0, 256, 3)
+    fg = rng.integers(0, 256, 3)
+    while np.abs(fg - bg).sum() < 150:  # keep the texture visible
+        fg = rng.integers(0, 256, 3)
+    period = int(rng.integers(6, 11))
+    phase = int(rng.integers(0, period))
+    yy, xx = np.mgrid[0:size, 0:size]
+    kind = TEXTURES[label]
+    if kind == "horizontal stripes":
+        on = (yy + phase) % period < period // 2
+    elif kind == "vertical stripes":
+        on = (xx + phase) % period < period // 2
+    else:
+        on = ((xx + phase) // (period // 2) + (yy + phase) // (period // 2)) % 2 == 0
+    img = np.where(on[..., None], fg, bg) + rng.normal(0, 20, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_texture_folder(root: Path, train: int = 40, test: int = 20) -> Path:
+    """``root/{train,test}/<class>/<i>.png`` of :func:`make_texture` images."""
+    for split, n, seed in (("train", train, 1), ("test", test, 2)):
+        rng = np.random.default_rng(seed)
+        for c in TEXTURES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(make_texture(c, rng)).save(root / split / c / f"{c}_{i:03d}.png")
     return root
 
 
