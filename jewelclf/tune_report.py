@@ -62,12 +62,29 @@ class Outputs:
             row: dict[str, Any] = {"trial": trial_id, "status": t.status,
                                    "score": t.score if t.status == "COMPLETED" else None}
             row.update({m: t.metrics.get_last_value(m) if t.metrics.exists(m) else None for m in METRICS})
+            row["execution_scores"] = self.execution_scores(trial_id)
             row.update({n: values.get(n) for n in self.names})
             if hyperband:
                 row.update({col: values.get(key) for col, key in BUDGET.items()})
             row["error"] = (t.message or "").strip().splitlines()[-1][:300] if t.message else ""
             rows.append(row)
         return rows
+
+    def execution_scores(self, trial_id: str) -> str:
+        """The objective of each execution of a trial run more than once, space-separated in
+        execution order (the trial's ``score`` is their mean, as keras-tuner averages them);
+        empty for a trial of one execution."""
+        import json
+
+        trial_dir = self.run_dir / SEARCH_DIR / f"trial_{trial_id}"
+        scores = []
+        for path in sorted(trial_dir.glob("execution_*/trial_summary.json"),
+                           key=lambda p: int(p.parent.name.split("_")[1])):
+            try:
+                scores.append(f"{float(json.loads(path.read_text())[self.objective]):.6f}")
+            except (OSError, ValueError, KeyError, TypeError):
+                scores.append("?")  # an execution cut off while writing its summary
+        return " ".join(scores)
 
     def write_trials(self, oracle) -> list[dict[str, Any]]:
         rows = self.rows(oracle)

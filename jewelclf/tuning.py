@@ -327,8 +327,8 @@ class TwoStageHyperModel(kt.HyperModel):
         values = declare(hp, self.space, self.config)
         return build_classifier(config_for(self.config, values), len(self.class_names))
 
-    def fit(self, hp, model, *args, trial_dir, checkpoint=None, epochs=None, initial_epoch=0,
-            **kwargs):
+    def fit(self, hp, model, *args, trial_dir, executions=None, checkpoint=None, epochs=None,
+            initial_epoch=0, **kwargs):
         from jewelclf.evaluation import compute_metrics
         from jewelclf.model import HEAD
         from jewelclf.training import train_model
@@ -341,7 +341,7 @@ class TwoStageHyperModel(kt.HyperModel):
         # features of the pristine backbone: stage 1 then computes them from its own backbone.
         if ds.features is not None and initial_epoch > self.config.train.stage1.epochs:
             ds = dataclasses.replace(ds, features=None)
-        work = Path(trial_dir)
+        work = execution_dir(Path(trial_dir), next(executions) if executions is not None else None)
         t0 = time.perf_counter()
         summary = train_model(model, config, ds, work, self.log)
         stage2_ran = summary["stage2"].get("epochs", 0) > 0
@@ -364,6 +364,13 @@ class TwoStageHyperModel(kt.HyperModel):
             "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"), **result,
             "stages": summary, "stage_epochs": [config.train.stage1.epochs, config.train.stage2.epochs]})
         return result
+
+
+def execution_dir(trial_dir: Path, execution: int | None) -> Path:
+    """The work folder of one execution of a trial: the trial's folder when the trial has one
+    execution, else ``execution_<n>/`` inside it, so that no execution sees another's history,
+    resume state or early-stopping baseline."""
+    return trial_dir if execution is None else trial_dir / f"execution_{execution + 1}"
 
 
 def _gradient_registry() -> dict | None:
@@ -401,9 +408,14 @@ class _TrialHooks:
         self._gradients_before = frozenset(registry) if registry is not None else None
 
     def run_trial(self, trial, *args, **kwargs):
-        kwargs["trial_dir"] = Path(self.get_trial_dir(trial.trial_id))
-        # A trial run again after an interruption starts its history afresh.
-        (kwargs["trial_dir"] / rd.HISTORY).unlink(missing_ok=True)
+        trial_dir = kwargs["trial_dir"] = Path(self.get_trial_dir(trial.trial_id))
+        # A trial run again after an interruption starts its history afresh, in every execution.
+        (trial_dir / rd.HISTORY).unlink(missing_ok=True)
+        for old in trial_dir.glob("execution_*"):
+            shutil.rmtree(old, ignore_errors=True)
+        # keras-tuner runs the executions with shallow copies of kwargs: they share this
+        # iterator, so each HyperModel.fit takes the next execution's number.
+        kwargs["executions"] = iter(range(self.executions_per_trial)) if self.executions_per_trial > 1 else None
         kwargs["checkpoint"] = (self._get_checkpoint_fname(trial.trial_id)
                                 if isinstance(self, kt.Hyperband) else None)
         return super().run_trial(trial, *args, **kwargs)

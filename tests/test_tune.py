@@ -127,6 +127,31 @@ def test_two_trial_search_of_each_tuner(setup, tuner):
     assert output.count("stage 1 (head, cached features)") == 2
 
 
+def test_each_execution_of_a_trial_trains_from_scratch_and_the_score_is_their_mean(setup):
+    """``--executions-per-trial 2``: each execution has its own folder, history and stage-2
+    baseline (none sees the other's epochs), and trials.csv lists both scores and their mean."""
+    run_dir = setup["root"] / "executions"
+    result = run("tune", setup["data"], "--run-dir", run_dir, "--config", setup["config"],
+                 "--space", setup["hyperband"][1], "--tuner", "random", "--max-trials", 1,
+                 "--executions-per-trial", 2)
+    assert result.exit_code == 0, result.output
+    [row] = read_trials(run_dir)
+    trial_dir = run_dir / "search" / f"trial_{row['trial']}"
+    histories = []
+    for n in (1, 2):
+        with open(trial_dir / f"execution_{n}" / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) <= 4, epochs
+        assert rows[-1]["phase"].startswith("stage2")  # each ran its own stage 2
+        histories.append(rows)
+    assert histories[0] != histories[1]  # two trainings, not one read twice
+    assert not (trial_dir / "history.csv").exists()
+    scores = [float(s) for s in row["execution_scores"].split()]
+    assert len(scores) == 2
+    assert float(row["score"]) == pytest.approx(sum(scores) / 2, abs=1e-6)
+
+
 def test_best_config_feeds_fit_as_is(setup):
     tune_dir, _ = search(setup, "random")
     fit_dir = setup["root"] / "fit_best"
