@@ -14,9 +14,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TEXTURES, make_texture_folder
 from PIL import Image
 
-from conftest import TEXTURES, make_texture_folder
 from jewelclf.cli import main
 
 THRESHOLD = 0.85  # chance is 1/3; the correct pipeline scores 0.95-1.00 here
