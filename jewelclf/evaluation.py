@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -266,16 +265,18 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     from jewelclf.data.check import check_records, write_rejected
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
-    from jewelclf.rundir import CLASS_NAMES, CONFIG, MODEL, load_model_file, require_finished_run
+    from jewelclf.rundir import (
+        CONFIG,
+        MODEL,
+        load_model_file,
+        read_class_names,
+        require_finished_run,
+    )
 
     run_dir = Path(run_dir)
     info = require_finished_run(run_dir)
     config = config_mod.from_dict(config_mod.load_yaml(run_dir / CONFIG), source=str(run_dir / CONFIG))
-    try:
-        class_names = json.loads((run_dir / CLASS_NAMES).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise JewelclfError(f"'{run_dir / CLASS_NAMES}' is missing or not JSON; the run is "
-                            f"incomplete, train it again") from None
+    class_names = read_class_names(run_dir)
     # Before DATA is read: a corrupt model must not cost a pass over every image first.
     model = load_model_file(run_dir / MODEL, len(class_names))
     source = load_source(data_spec)

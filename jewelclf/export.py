@@ -141,15 +141,11 @@ def load_run(run_dir: Path) -> RunModel:
             f"the run in '{run_dir}' is not finished (status: {info.get('status', 'unknown')}); "
             f"wait for jewelclf fit to end, or export another run"
         )
-    try:
-        class_names = json.loads((run_dir / rd.CLASS_NAMES).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise JewelclfError(f"'{run_dir / rd.CLASS_NAMES}' is missing or not JSON; the run is "
-                            f"incomplete, train it again") from None
+    class_names = rd.read_class_names(run_dir)
     config = config_mod.from_dict(config_mod.load_yaml(run_dir / rd.CONFIG),
                                   source=str(run_dir / rd.CONFIG))
     model = rd.load_model_file(run_dir / rd.MODEL, len(class_names))
-    return RunModel(run_dir, model, [str(c) for c in class_names], int(model.input_shape[1]),
+    return RunModel(run_dir, model, class_names, int(model.input_shape[1]),
                     config.data.resize, int(config.train.top_k), config, info)
 
 

@@ -339,6 +339,18 @@ def require_finished_run(run_dir: Path) -> dict[str, Any]:
     return info
 
 
+def read_class_names(run_dir: Path) -> list[str]:
+    """The run's ``class_names.json``; missing or unreadable is a one-line error."""
+    path = Path(run_dir) / CLASS_NAMES
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        names = None
+    if not isinstance(names, list):
+        raise JewelclfError(f"'{path}' is missing or not JSON; the run is incomplete, train it again")
+    return [str(c) for c in names]
+
+
 def load_model_file(path: Path, num_classes: int | None = None):
     """Load a ``.keras`` model saved by ``jewelclf fit`` (``compile=False``).
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from jewelclf import rundir as rd
 from jewelclf.errors import JewelclfError
 
 Log = Callable[[str], None]
@@ -97,7 +98,6 @@ class ModelRef:
 def resolve_model(spec: str | Path) -> ModelRef:
     """A finished run dir, or a ``.keras`` model file (with its preprocessing defaults)."""
     from jewelclf import config as config_mod
-    from jewelclf import rundir as rd
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -163,13 +163,6 @@ def same_model(recorded: dict[str, Any], model_file: Path) -> bool:
     if st.st_mtime_ns == recorded.get("mtime_ns"):
         return True
     return _sha256(model_file) == recorded.get("sha256")
-
-
-def load_keras_model(model_file: Path, num_classes: int | None = None):
-    """The Keras model in ``model_file``; a corrupt or foreign file is a one-line error."""
-    from jewelclf.rundir import load_model_file
-
-    return load_model_file(model_file, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +674,7 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
             candidates.append((r, st, sku))
     model = None
     if candidates:  # some file may need embedding: a bad model file fails before any is read
-        model = load_keras_model(ref.model_file, len(ref.class_names)
+        model = rd.load_model_file(ref.model_file, len(ref.class_names)
                                  if ref.run_dir is not None and ref.class_names else None)
     hashes = _hash_files([r.path if st is not None else None for r, st, _ in candidates])
     to_embed = []
@@ -856,7 +849,7 @@ def open_for_search(index_dir: Path) -> tuple[SearchIndex, Any]:
         raise JewelclfError(f"index '{index_dir}' was built with a different model than the one "
                             f"now at '{model_file}'; rebuild it with jewelclf index RUN_DIR "
                             f"CATALOGUE --output {index_dir} --rebuild")
-    return index, load_keras_model(model_file)
+    return index, rd.load_model_file(model_file)
 
 
 def embed_query_images(model, paths: Sequence[str], layer: str, size: int, resize: str,
