@@ -72,11 +72,7 @@ class BackboneSpec:
             raise
         except Exception as e:  # download failures surface as many exception types
             if kwargs.get("weights") == "imagenet":
-                raise JewelclfError(
-                    f"could not get ImageNet weights for {self.name} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:120] if str(e) else 'no network?'}); "
-                    "pass --weights PATH to a local no-top weights file, or --weights none"
-                ) from None
+                raise JewelclfError(_download_failure(self.name, e)) from None
             raise
         if weights_path is not None:
             try:
@@ -112,6 +108,17 @@ class BackboneSpec:
                 last = b
             out[layer.name] = b if b is not None else (last if last is not None else None)
         return out
+
+
+def _download_failure(name: str, e: Exception) -> str:
+    """One line for a failed ImageNet download: the whole URL, and how to do without it."""
+    text = " ".join(str(e).split())
+    url = re.search(r"https?://[^\s:]+(?::\d+)?[^\s:]*", text)
+    where = f" from {url.group(0)}" if url else ""
+    reason = " ".join(re.sub(r"https?://\S+", "", text).split()).strip(" :-")[:120] or type(e).__name__
+    return (f"could not download the ImageNet weights of {name}{where} ({reason}); without a "
+            f"network, fetch that file on a machine that has one and pass --weights PATH to it "
+            f"(or --weights none to train from scratch)")
 
 
 _apps = keras.applications

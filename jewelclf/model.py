@@ -65,6 +65,16 @@ def _float32_layers():
         keras.mixed_precision.set_dtype_policy(previous)
 
 
+def check_weights(config: Config) -> None:
+    """Build the backbone with its weights once, before any data is read, so a missing file, a
+    file of another backbone or a failed ImageNet download is a one-line error in seconds, not
+    after the data check. ``weights: none`` has nothing to check."""
+    if config.model.weights.lower() == "none":
+        return
+    spec = get_backbone(config.model.backbone)
+    spec.build(image_size(config), config.model.weights)  # built to be checked, then dropped
+
+
 def build_classifier(config: Config, num_classes: int) -> keras.Model:
     """Build the full functional model of ``config`` for ``num_classes`` classes."""
     spec = get_backbone(config.model.backbone)

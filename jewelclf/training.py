@@ -51,7 +51,7 @@ from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import compute_metrics, format_report, prediction_rows, write_evaluation
-from jewelclf.model import (HEAD, build_classifier, feature_extractor, image_size,
+from jewelclf.model import (HEAD, build_classifier, check_weights, feature_extractor, image_size,
                             unfreeze_top_blocks, without_augmentation)
 from jewelclf.plateau import StagePlateau
 from jewelclf.progress import AtomicModelCheckpoint, Progress, trim_history
@@ -873,6 +873,18 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _failed_before_training(run_dir: Path, info: dict[str, Any], resume: bool):
+    """Any error before the first epoch marks a new run ``failed``, so the same ``--run-dir``
+    can be used again right away (with other flags), rather than leaving it ``running``."""
+    try:
+        yield
+    except Exception:
+        if not resume:
+            rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
+        raise
+
+
 def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, resume: bool,
                 log: Log, dist: Distribution | None = None) -> dict[str, Any]:
     started = time.time()
@@ -900,13 +912,9 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    try:
+    with _failed_before_training(run_dir, info, resume):
+        check_weights(config)  # seconds, before minutes of data checking
         data = prepare_data(data_spec, config, run_dir, log)
-    except JewelclfError:
-        if not resume:
-            # Nothing was trained: mark the run failed so the same --run-dir can be used again.
-            rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
-        raise
     if resume and split_before is not None and (run_dir / rd.SPLITS).read_bytes() != split_before:
         rd.atomic_write_text(run_dir / rd.SPLITS, split_before.decode("utf-8"))
         raise JewelclfError(
@@ -919,9 +927,10 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         f"{c} {counts[('train', c)]}/{counts[('val', c)]}/{counts[('test', c)]}" for c in names))
 
     with precision_policy(precision):
-        with dist.scope():
-            model = build_classifier(config, len(names))
-        datasets = make_datasets(data, config, run_dir / "cache", log, replicas=dist.replicas)
+        with _failed_before_training(run_dir, info, resume):
+            with dist.scope():
+                model = build_classifier(config, len(names))
+            datasets = make_datasets(data, config, run_dir / "cache", log, replicas=dist.replicas)
         if dist.strategy is not None:
             log(f"global batch {global_batch_size(config, dist.replicas)} = data.batch_size "
                 f"{config.data.batch_size} per replica x {dist.replicas} replica(s)")
