@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from jewelclf.errors import JewelclfError
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide CUDA-probe noise on CPU machines
 
 
 def _handle_errors(fn):
@@ -45,35 +42,116 @@ def main():
     """Turn a folder of product photos into a production image classifier."""
 
 
+_VERBOSE = click.option("--verbose", is_flag=True,
+                        help="Also show TensorFlow's own start-up and C++ log lines.")
+
+
+def _start(verbose: bool, data: str | None = None, run_dir: Path | None = None) -> None:
+    """The cheap checks of a command's arguments, then TensorFlow's import (quiet unless
+    ``verbose``): a typo'd path costs milliseconds, not the import."""
+    if data is not None:
+        from jewelclf.data.sources import require_data
+
+        require_data(data)
+    if run_dir is not None:
+        from jewelclf.rundir import require_finished_run
+
+        require_finished_run(Path(run_dir))
+    from jewelclf.tfenv import import_tensorflow
+
+    import_tensorflow(verbose)
+
+
+# --- config flags: each sets one key of the config tree; --help shows the default in code ---
+
+_KEYS: dict[str, str] = {}
+
+
+def _default_of(key: str) -> str:
+    from jewelclf.config import Config
+
+    value: object = Config()
+    for part in key.split("."):
+        value = getattr(value, part)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "the backbone's" if value is None else str(value)
+
+
+def _config_flag(decl: str, key: str, help: str, shown: str | None = None, **kwargs):
+    """A flag that overrides config key ``key`` (None when not given, so YAML still applies)."""
+    _KEYS[decl.split("/")[0].lstrip("-").replace("-", "_")] = key
+    return click.option(decl, default=None, help=f"{help}  [default: {shown or _default_of(key)}]",
+                        **kwargs)
+
+
 def _overrides(**flags) -> dict:
     from jewelclf.config import set_dotted
 
-    mapping = {
-        "backbone": "model.backbone", "weights": "model.weights", "head_units": "model.head_units",
-        "dropout": "model.dropout", "image_size": "data.image_size", "batch_size": "data.batch_size",
-        "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
-        "epochs": "train.stage1.epochs", "fine_tune_epochs": "train.stage2.epochs",
-        "unfreeze_blocks": "train.stage2.unfreeze_blocks", "learning_rate": "train.stage1.learning_rate",
-        "fine_tune_learning_rate": "train.stage2.learning_rate", "seed": "train.seed",
-        "class_weight": "train.class_weight", "augment": "augment.enabled",
-        "deterministic": "train.deterministic", "allow_leakage": "data.allow_leakage",
-        "precision": "train.precision", "jit_compile": "train.jit_compile",
-        "distribute": "train.distribute",
-    }
     out: dict = {}
     for flag, value in flags.items():
         if value is not None:
-            set_dotted(out, mapping[flag], value)
+            set_dotted(out, _KEYS[flag], value)
     return out
 
 
-_PRECISION = click.option(
-    "--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
-    help="Compute dtype: auto (default) is mixed_float16 on a GPU, float32 on a CPU; the softmax "
-         "stays float32.")
-_JIT_COMPILE = click.option(
-    "--jit-compile", type=click.Choice(["auto", "on", "off"]),
-    help="XLA compilation of the training step; auto (default) is Keras' choice.")
+_BACKBONE = _config_flag("--backbone", "model.backbone",
+                         "Backbone: resnet50, vgg16, mobilenet_v2, mobilenet_025, efficientnet_b0, ...")
+_WEIGHTS = _config_flag("--weights", "model.weights",
+                        "Backbone weights: imagenet (downloaded by Keras), none, or the path of a "
+                        "no-top weights file.")
+_IMAGE_SIZE = _config_flag("--image-size", "data.image_size", "Square input side in pixels.",
+                           type=click.IntRange(min=1))
+_BATCH_SIZE = _config_flag("--batch-size", "data.batch_size",
+                           "Images per step per replica (with --distribute: x replicas).",
+                           type=click.IntRange(min=1))
+_EPOCHS = _config_flag("--epochs", "train.stage1.epochs",
+                       "Stage-1 (head) epochs at most; early stopping may end sooner.", type=int)
+_FINE_TUNE_EPOCHS = _config_flag("--fine-tune-epochs", "train.stage2.epochs",
+                                 "Stage-2 (unfreezing) epochs in all; 0 skips stage 2.", type=int)
+_VAL_FRACTION = _config_flag("--val-fraction", "data.val_fraction",
+                             "Held-out share per class when DATA has no val split.", type=float)
+_TEST_FRACTION = _config_flag("--test-fraction", "data.test_fraction",
+                              "Held-out share per class when DATA has no test split.", type=float)
+_CLASS_WEIGHT = _config_flag("--class-weight", "train.class_weight",
+                             "Loss weights per class: balanced, none, or auto (balanced when "
+                             "classes differ by more than 1.5:1).",
+                             type=click.Choice(["auto", "balanced", "none"]))
+_SEED = _config_flag("--seed", "train.seed", "The one seed of the run (split, init, shuffling).",
+                     type=int)
+_DETERMINISTIC = _config_flag("--deterministic", "train.deterministic",
+                              "TensorFlow op determinism: identical reruns, slower.", is_flag=True)
+_ALLOW_LEAKAGE = _config_flag("--allow-leakage", "data.allow_leakage",
+                              "Train even when a byte-identical image sits in two splits (it "
+                              "inflates the test scores).", is_flag=True)
+_PRECISION = _config_flag(
+    "--precision", "train.precision",
+    "Compute dtype: auto is mixed_float16 on a GPU, float32 on a CPU; the softmax stays float32.",
+    type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]))
+_JIT_COMPILE = _config_flag("--jit-compile", "train.jit_compile",
+                            "XLA compilation of the training step; auto is Keras' choice.",
+                            type=click.Choice(["auto", "on", "off"]))
+_MODEL_AND_DATA_FLAGS = (_BACKBONE, _WEIGHTS, _IMAGE_SIZE, _BATCH_SIZE, _EPOCHS, _FINE_TUNE_EPOCHS,
+                         _VAL_FRACTION, _TEST_FRACTION, _CLASS_WEIGHT, _SEED, _DETERMINISTIC,
+                         _ALLOW_LEAKAGE, _PRECISION, _JIT_COMPILE)
+"""The flags ``fit`` and ``tune`` share, with the same names and meaning."""
+
+
+def _model_and_data_flags(fn):
+    for option in reversed(_MODEL_AND_DATA_FLAGS):
+        fn = option(fn)
+    return fn
+
+
+def _refuse_with_resume(what: str, config_file, flags: dict, overwrite: bool = False) -> None:
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if config_file:
+        given.insert(0, "--config")
+    if overwrite:
+        given.append("--overwrite")
+    if given:
+        raise JewelclfError(f"--resume continues the {what} with its saved config; drop "
+                            f"{', '.join(given)}, or start a new {what} in another --run-dir")
 
 
 @main.command()
@@ -82,58 +160,46 @@ _JIT_COMPILE = click.option(
               help="Folder for this run's config, model, history and metrics.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="YAML file of config overrides (flags override it in turn).")
-@click.option("--backbone", help="Backbone name: resnet50, vgg16, mobilenet_v2, efficientnet_b0, ...")
-@click.option("--weights", help="Backbone weights: imagenet, none, or a path to a no-top weights file.")
-@click.option("--image-size", type=int, help="Input side in pixels (default: the backbone's).")
-@click.option("--batch-size", type=int)
-@click.option("--epochs", type=int, help="Stage-1 (head) epochs, at most; early stopping may end sooner.")
-@click.option("--fine-tune-epochs", type=int, help="Stage-2 (unfreezing) epochs in all; 0 skips stage 2.")
-@click.option("--unfreeze-blocks", type=int, help="How many top backbone blocks stage 2 unfreezes.")
-@click.option("--learning-rate", type=float, help="Stage-1 learning rate.")
-@click.option("--fine-tune-learning-rate", type=float, help="Stage-2 learning rate.")
-@click.option("--head-units", type=int, help="Hidden Dense units in the head (0: none).")
-@click.option("--dropout", type=float)
-@click.option("--val-fraction", type=float, help="Held-out share per class when DATA has no val split.")
-@click.option("--test-fraction", type=float, help="Held-out share per class when DATA has no test split.")
-@click.option("--class-weight", type=click.Choice(["auto", "balanced", "none"]))
-@click.option("--augment/--no-augment", default=None, help="Training-time augmentation in stage 2.")
-@click.option("--seed", type=int, help="The one seed of the run (split, init, shuffling).")
-@click.option("--deterministic", is_flag=True, default=None,
-              help="TensorFlow op determinism: identical reruns, slower.")
-@click.option("--allow-leakage", is_flag=True, default=None,
-              help="Train even when a byte-identical image sits in two splits (it inflates the "
-                   "test scores).")
-@_PRECISION
-@_JIT_COMPILE
-@click.option("--distribute", type=click.Choice(["none", "mirrored", "multi_worker"]),
-              help="none (default); mirrored: all local GPUs; multi_worker: the machines of "
-                   "TF_CONFIG. --batch-size is per replica.")
+@_model_and_data_flags
+@_config_flag("--unfreeze-blocks", "train.stage2.unfreeze_blocks",
+              "How many top backbone blocks stage 2 unfreezes, one more per step.", type=int)
+@_config_flag("--learning-rate", "train.stage1.learning_rate", "Stage-1 learning rate (Adam).",
+              type=float)
+@_config_flag("--fine-tune-learning-rate", "train.stage2.learning_rate",
+              "Stage-2 learning rate (Adam).", type=float)
+@_config_flag("--head-units", "model.head_units", "Hidden Dense units in the head (0: none).",
+              type=int)
+@_config_flag("--dropout", "model.dropout",
+              "Dropout rate before the softmax (and after the hidden layer).", type=float)
+@_config_flag("--augment/--no-augment", "augment.enabled", "Training-time augmentation (stage 2).")
+@_config_flag("--distribute", "train.distribute",
+              "mirrored: all local GPUs; multi_worker: the machines of TF_CONFIG. --batch-size "
+              "is per replica.", type=click.Choice(["none", "mirrored", "multi_worker"]))
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run in --run-dir from its last epoch, with its saved "
                    "config (DATA may be left out).")
+@_VERBOSE
 @_handle_errors
-def fit(data, run_dir, config_file, overwrite, resume, **flags):
+def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
     """Train a classifier on DATA: a folder of class subfolders, a folder with train/ [val/]
     [test/], a CSV manifest (path,label[,group][,split]), or tfds:NAME[:SPLIT]."""
     from jewelclf.config import resolve
-    from jewelclf.training import fit as run_fit
-    from jewelclf.training import resume_fit
 
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
-        if config_file:
-            given.insert(0, "--config")
-        if given or overwrite:
-            raise JewelclfError(
-                f"--resume continues the run with its saved config; drop "
-                f"{', '.join(given or ['--overwrite'])}, or start a new run in another --run-dir")
+        _refuse_with_resume("run", config_file, flags, overwrite)
+        _start(verbose, data)
+        from jewelclf.training import resume_fit
+
         resume_fit(run_dir, data, log=click.echo)
         return
     if data is None:
         raise JewelclfError("missing DATA: give the folder, CSV manifest or tfds:NAME to train on "
                             "(or --resume to continue a run)")
     config = resolve(config_file, _overrides(**flags))
+    _start(verbose, data)
+    from jewelclf.training import fit as run_fit
+
     run_fit(data, run_dir, config, overwrite=overwrite, log=click.echo)
 
 
@@ -141,14 +207,17 @@ def fit(data, run_dir, config_file, overwrite, resume, **flags):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("data")
 @click.option("--output", type=click.Path(path_type=Path),
-              help="Folder for metrics.json and plots (default: RUN_DIR/evaluations/<data>).")
+              help="Folder for metrics.json and plots (default: "
+                   "RUN_DIR/evaluations/<split>_<data folder name>).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]),
               help="Which split to score. On the data the run trained on: the run's own split "
                    "from splits.csv (default test, else val; train only when asked). On other "
                    "data: DATA's split (default test if DATA has one, else all of it).")
+@_VERBOSE
 @_handle_errors
-def evaluate(run_dir, data, output, split):
+def evaluate(run_dir, data, output, split, verbose):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""
+    _start(verbose, data, run_dir)
     from jewelclf.evaluation import evaluate_run, format_report
 
     metrics, out_dir = evaluate_run(run_dir, data, output, split)
@@ -181,10 +250,13 @@ def evaluate(run_dir, data, output, split):
               help="savedmodel: the embedding the 'embed' signature serves; use the --layer your "
                    "`jewelclf index` was built with.")
 @click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
+@_VERBOSE
 @_handle_errors
-def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer, overwrite):
+def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer, overwrite,
+           verbose):
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
+    _start(verbose, run_dir=run_dir)
     from jewelclf.export import export_run, format_export_summary
 
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
@@ -201,8 +273,9 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
 @click.option("--version", type=int, help="With --server: ask for this model version.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per request.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="With --server: seconds per request.")
+@_VERBOSE
 @_handle_errors
-def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout):
+def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout, verbose):
     """Predict classes of images or folders of images with MODEL (an exported SavedModel, a
     .keras or .tflite file, or a run dir), or with --server URL --model NAME through TF Serving."""
     import json as json_mod
@@ -210,6 +283,11 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
     from jewelclf.predict import format_table, run_predict
 
     model, images = (None, list(paths)) if server else ((paths[0] if paths else None), list(paths[1:]))
+    if not server:  # TF Serving does the work behind --server: no TensorFlow here
+        if model is not None and not Path(model).exists():
+            raise JewelclfError(f"model '{model}' does not exist; pass an exported SavedModel "
+                                f"folder, a .keras or .tflite file, or a run dir")
+        _start(verbose)
     results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout)
     for r in results:
         if r.error is not None:
@@ -236,11 +314,13 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
 @click.option("--exact-threshold", type=int,
               help="Search exactly up to this many items, through an HNSW graph above (default 50000).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed after changing model or layer).")
+@_VERBOSE
 @_handle_errors
-def index_command(model, catalogue, output, batch_size, layer, exact_threshold, rebuild):
+def index_command(model, catalogue, output, batch_size, layer, exact_threshold, rebuild, verbose):
     """Embed the photos of CATALOGUE_DIR_OR_CSV (class subfolders, or a CSV path,label[,group|sku])
     with a trained model and write a search index; a second run embeds only new or changed
     files and drops the ones that are gone."""
+    _start(verbose, catalogue)
     from jewelclf.search import build_index
 
     summary = build_index(model, catalogue, output, batch_size, layer, exact_threshold, rebuild,
@@ -253,15 +333,22 @@ def index_command(model, catalogue, output, batch_size, layer, exact_threshold, 
 @main.command("similar")
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--k", "k", type=int, default=10, show_default=True, help="Items per query image.")
+@click.option("--top-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Items per query image (--k is the same).")
 @click.option("--same-class", is_flag=True, help="Only items labelled with the query's predicted class.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path),
               help="Also write a page of thumbnails to this .html file.")
+@_VERBOSE
 @_handle_errors
-def similar_command(index_dir, images, k, same_class, as_json, html_out):
+def similar_command(index_dir, images, k, same_class, as_json, html_out, verbose):
     """Find the catalogue items of INDEX_DIR most similar to each IMAGE (cosine similarity)."""
     import json as json_mod
+
+    from jewelclf.search import require_index
+
+    require_index(index_dir)
+    _start(verbose)
 
     from jewelclf.search import format_similar, similar
 
@@ -283,75 +370,97 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out):
 @click.option("--run-dir", required=True, type=click.Path(path_type=Path),
               help="Folder for the search state, trials.csv, best_config.yaml and the report.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="YAML file of config overrides: the base every trial starts from.")
+              help="YAML file of config overrides: the base every trial starts from (flags "
+                   "override it in turn).")
 @click.option("--tuner", type=click.Choice(["hyperband", "random", "bayesian"]),
-              help="keras-tuner search algorithm (default: hyperband).")
-@click.option("--max-trials", type=int,
-              help="Trials at most (default: 20 for random/bayesian, Hyperband's own schedule).")
+              help="keras-tuner search algorithm.  [default: hyperband]")
+@click.option("--max-trials", type=click.IntRange(min=1),
+              help="Trials at most.  [default: 20 for random/bayesian, Hyperband's own schedule]")
 @click.option("--objective", type=click.Choice(["val_accuracy", "val_macro_f1"]),
-              help="What the search maximises, on the validation split (default: val_accuracy).")
-@click.option("--executions-per-trial", type=int, help="Trainings per trial, averaged (default: 1).")
-@click.option("--resume", is_flag=True,
-              help="Continue the search in --run-dir after an interruption; finished trials are kept.")
+              help="What the search maximises, on the validation split.  [default: val_accuracy]")
+@click.option("--executions-per-trial", type=click.IntRange(min=1), 
+              help="Trainings per trial from fresh weights; the trial scores their mean.  "
+                   "[default: 1]")
 @click.option("--space", "space_file", type=click.Path(path_type=Path),
               help="YAML file of search-space ranges that replace the defaults.")
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Compute the frozen backbone's features once for all trials (when stage 1 has "
                    "no augmentation).")
-@_PRECISION
-@_JIT_COMPILE
+@_model_and_data_flags
+@click.option("--resume", is_flag=True,
+              help="Continue the search in --run-dir after an interruption; finished trials are kept.")
 @click.option("--overwrite", is_flag=True, help="Replace a search already in --run-dir.")
+@_VERBOSE
 @_handle_errors
-def tune_command(data, run_dir, config_file, space_file, resume, precision, jit_compile, **settings):
+def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner, max_trials,
+                 objective, executions_per_trial, fast, overwrite, **flags):
     """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
-    and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`."""
+    and augmentation strength with Keras Tuner; write best_config.yaml for `jewelclf fit`.
+    The model and data flags are fit's, with the same meaning; every trial starts from them."""
     from jewelclf.config import resolve
+
+    if resume:  # a --config must match the saved one (tune checks); flags are refused
+        _refuse_with_resume("search", None, flags)
+    config = resolve(config_file, _overrides(**flags)) if config_file or not resume else None
+    _start(verbose)  # the space file is checked before DATA, as tune always did
     from jewelclf.tuning import load_space, tune
 
-    overrides = _overrides(precision=precision, jit_compile=jit_compile)
-    if resume and overrides:
-        given = [f for f, v in (("--precision", precision), ("--jit-compile", jit_compile)) if v]
-        raise JewelclfError(f"--resume continues the search with its saved config; drop "
-                            f"{', '.join(given)}, or start a new search in another --run-dir")
-    config = resolve(config_file, overrides) if config_file or not resume else None
     space = load_space(space_file) if space_file else None
-    tune(data, run_dir, config, space, resume=resume, log=click.echo, **settings)
+    tune(data, run_dir, config, space, resume=resume, log=click.echo, tuner=tuner,
+         max_trials=max_trials, objective=objective, executions_per_trial=executions_per_trial,
+         fast=fast, overwrite=overwrite)
 
 
-# ---------------------------------------------------------------- jewelclf check (issue #6)
+# ---------------------------------------------------------------- jewelclf check
 @main.command("check")
 @click.argument("data")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="The YAML config of the fit to come: its image size (or its backbone's), "
+                   "pixel limits and workers apply.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the JSON report to this file.")
-@click.option("--backbone", help="List images smaller than this backbone's default input side.")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="List images smaller than this input side (wins over --backbone's default).")
+@_BACKBONE
+@_IMAGE_SIZE
 @click.option("--near-distance", "near_duplicate_distance", type=click.IntRange(0, 256),
-              help="Largest pHash distance, in bits of 256, between near duplicates (default 12).")
-@click.option("--workers", type=click.IntRange(min=1), help="Files checked in parallel (default 4).")
+              help="Largest pHash distance, in bits of 256, between near duplicates.  "
+                   "[default: 12]")
+@click.option("--workers", type=click.IntRange(min=1), 
+              help="Files checked in parallel.  [default: the config's data.check_workers, 4]")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
+@_VERBOSE
 @_handle_errors
-def check_command(data, as_json, output, **settings):
+def check_command(data, config_file, as_json, output, near_duplicate_distance, workers, strict,
+                  verbose, **flags):
     """Decode every file of DATA and report class counts and imbalance, unreadable files,
     extensions that lie, byte-identical and near-identical duplicates (within a split and
-    across splits), images smaller than the input, and EXIF-rotated photos.
+    across splits), images smaller than the model's input, and EXIF-rotated photos.
 
-    Exit status: 0 when nothing was found, 1 when something was, 2 for a usage error or a DATA
-    that cannot be read at all."""
+    Exit status: 0 when no error was found (warnings only), 1 on errors (a byte-identical copy
+    in two splits, one image under two labels, a class with no usable image) or, with
+    --strict, on warnings; 2 for a usage error or a DATA that cannot be read at all."""
     import json
 
+    from jewelclf.config import resolve
+
+    config = resolve(config_file, _overrides(**flags))
+    _start(verbose, data)
     from jewelclf.data.report import (NEAR_DUPLICATE_DISTANCE, check_data, format_check_report,
                                       save_check_report)
+    from jewelclf.model import image_size
 
-    if settings["near_duplicate_distance"] is None:
-        settings["near_duplicate_distance"] = NEAR_DUPLICATE_DISTANCE
-    report = check_data(data, **settings)
+    if near_duplicate_distance is None:
+        near_duplicate_distance = NEAR_DUPLICATE_DISTANCE
+    report = check_data(data, backbone=config.model.backbone, image_size=image_size(config),
+                        near_duplicate_distance=near_duplicate_distance,
+                        workers=workers or config.data.check_workers,
+                        max_pixels=config.data.max_pixels, min_side=config.data.min_image_side)
     if output:
         save_check_report(report, output)
     click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_check_report(report))
     if output and not as_json:
         click.echo(f"wrote {output}")
-    sys.exit(0 if report["clean"] else 1)
+    sys.exit(1 if report["errors"] or (strict and report["warnings"]) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,9 @@ class TrainConfig:
     """``none``, ``mirrored`` (all local GPUs) or ``multi_worker`` (machines listed in
     ``TF_CONFIG``). ``data.batch_size`` is per replica; the global batch is that times the
     number of replicas."""
+    tensorboard: bool = True
+    """Write TensorBoard logs of both stages (and of tune's trials) into the run dir's
+    ``tensorboard/``; the viewer is ``pip install tensorboard``, then ``tensorboard --logdir runs/``."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
@@ -303,14 +307,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def absolute_weights(config: Config) -> Config:
+    """``model.weights`` as an absolute path when it is a file path (not ``imagenet`` or
+    ``none``): a relative one, from a flag or a YAML file, means the working directory's, and
+    the configs a run or a search saves must work from any folder."""
+    weights = config.model.weights
+    if weights.lower() in ("imagenet", "none"):
+        return config
+    path = os.path.abspath(os.path.expanduser(weights))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, weights=path))
+
+
 def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults in code, then the YAML file, then flag overrides; validated."""
+    """Defaults in code, then the YAML file, then flag overrides; validated. A relative weights
+    path is made absolute (:func:`absolute_weights`)."""
     config = Config()
     if config_file:
         config = merge(config, load_yaml(config_file), source=str(config_file))
     if overrides:
         config = merge(config, overrides, source="command line")
-    return validate(config)
+    return absolute_weights(validate(config))
 
 
 RETIRED_KEYS = {"data": ("shuffle_buffer",)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
 
 
@@ -201,8 +204,6 @@ def _rejected_paths(run_dir: Path) -> set[str]:
 def is_run_data(run_dir: Path, info: dict[str, Any], source, run_splits: dict[str, str]) -> bool:
     """Whether ``source`` is the data the run trained on: the same path, or the same files
     (every file of the run's ``splits.csv``, and nothing else but files ``fit`` rejected)."""
-    from jewelclf.data.sources import data_key
-
     if info.get("data_path") and data_key(source.spec) == info["data_path"]:
         return True
     if not run_splits:
@@ -251,6 +252,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_")[-80:] or "data"
 
 
+def default_output(run_dir: Path, data_spec: str, split: str) -> Path:
+    """``RUN_DIR/evaluations/<split>_<data folder name>``, e.g. ``test_jewellery``: a name
+    ``ls`` shows. Another DATA of the same name gets ``_2``, ``_3``, ... rather than
+    replacing that evaluation; the same DATA again replaces its own."""
+    if data_spec.startswith("tfds:"):
+        name = data_spec[len("tfds:"):].split(":")[0]
+    else:
+        path = Path(data_spec).expanduser().resolve()
+        name = path.stem if path.suffix.lower() == ".csv" else path.name
+    base = run_dir / "evaluations" / slug(f"{split}_{name}")
+    key = data_key(data_spec)
+    for n in itertools.count(1):
+        out = base if n == 1 else base.with_name(f"{base.name}_{n}")
+        try:
+            held = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("data_key")
+        except (OSError, ValueError, AttributeError):
+            held = None
+        if not out.exists() or held == key or (held is None and not any(out.iterdir())):
+            return out
+    raise AssertionError("unreachable")
+
+
 def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
                  split: str | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a finished run's model on ``data_spec``; write the report; return it and its folder.
@@ -289,8 +312,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
             f"not trained on (it knows {', '.join(class_names)}); remove or rename them"
         )
     source.class_names = class_names
-    out_dir = Path(output) if output else run_dir / "evaluations" / slug(
-        data_spec + (f"_{chosen.split}" if chosen.split != "all" else ""))
+    out_dir = Path(output) if output else default_output(run_dir, data_spec, chosen.split)
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = check_records(records, config.data.max_pixels, config.data.min_image_side,
                            config.data.check_workers,
@@ -302,6 +324,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     y_true, probs = predict_records(model, source, records, class_names, config)
     metrics = compute_metrics(y_true, probs, class_names, config.train.top_k)
     metrics["data"] = data_spec
+    metrics["data_key"] = data_key(data_spec)
     metrics.update(chosen.describe(records))
     metrics["rejected_files"] = n_rejected
     write_evaluation(metrics, out_dir, prediction_rows(records, y_true, probs, class_names),

@@ -78,12 +78,11 @@ def collect_images(paths: Iterable[str]) -> list[Path]:
 
 def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
     """The file's bytes, or ``None`` and a one-line reason when it is no supported image."""
-    from jewelclf.data.images import (
+    from jewelclf.data.formats import (
         ANIMATED_WEBP_REASON,
-        SUPPORTED_FORMATS,
-        describe_unsupported,
         is_animated_webp,
         sniff_format,
+        unsupported_reason,
     )
 
     try:
@@ -98,8 +97,7 @@ def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
     if not data:
         return None, "empty file (0 bytes)"
     if sniff_format(data[:16]) is None:
-        return None, (f"not a supported image ({describe_unsupported(data[:64])}); supported: "
-                      f"{', '.join(SUPPORTED_FORMATS)}")
+        return None, unsupported_reason(data)
     if is_animated_webp(data):  # TensorFlow (and a TF Serving server) would abort on it
         return None, ANIMATED_WEBP_REASON
     return data, None
@@ -445,26 +443,33 @@ class ServerPredictor(Predictor):
 def predict_files(predictor: Predictor, files: list[Path], top_k: int | None = None,
                   batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
     """Predict each file; unreadable or undecodable files get an ``error`` instead."""
+    from jewelclf import bars
+
     k = top_k or predictor.k or 3
     results: list[Prediction] = []
     pending: list[tuple[int, bytes]] = []
+    progress = bars.bar(len(files), "predicting", unit="image")
 
     def flush():
         rows = predictor.predict([b for _, b in pending], k)
         for (i, _), (top, err) in zip(pending, rows):
             results[i].top = top or []
             results[i].error = err
+        progress.update(len(pending))
         pending.clear()
 
-    for path in files:
-        data, reason = read_image_file(path)
-        results.append(Prediction(str(path), error=reason))
-        if data is not None:
+    with progress:
+        for path in files:
+            data, reason = read_image_file(path)
+            results.append(Prediction(str(path), error=reason))
+            if data is None:
+                progress.update()
+                continue
             pending.append((len(results) - 1, data))
             if len(pending) >= batch_size:
                 flush()
-    if pending:
-        flush()
+        if pending:
+            flush()
     return results
 
 

@@ -204,6 +204,17 @@ def _fsync_dir(folder: Path) -> None:
 # --- atomic writes ------------------------------------------------------------------------------
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # reads it without changing it
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename.
 
@@ -216,6 +227,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), new_file_mode())  # mkstemp's 0600 would ignore the umask
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jewelclf import rundir as rd
+from jewelclf import bars
 from jewelclf.errors import JewelclfError
 
 Log = Callable[[str], None]
@@ -399,8 +400,8 @@ def is_index(path: Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def load_index(root: Path, view: bool = True) -> SearchIndex:
-    """Open an index folder. ``view`` memory-maps the vectors and the graph (read-only, fast)."""
+def require_index(root: Path) -> None:
+    """A one-line error unless ``root`` is an index folder (cheap: no TensorFlow needed)."""
     root = Path(root)
     if not root.is_dir():
         raise JewelclfError(f"index '{root}' does not exist; build it with jewelclf index RUN_DIR "
@@ -408,6 +409,12 @@ def load_index(root: Path, view: bool = True) -> SearchIndex:
     if not is_index(root):
         raise JewelclfError(f"'{root}' holds no jewelclf index (no {META}); build one with "
                             f"jewelclf index RUN_DIR CATALOGUE --output {root}")
+
+
+def load_index(root: Path, view: bool = True) -> SearchIndex:
+    """Open an index folder. ``view`` memory-maps the vectors and the graph (read-only, fast)."""
+    root = Path(root)
+    require_index(root)
     try:
         meta = json.loads((root / META).read_text(encoding="utf-8"))
         if meta.get("format") != INDEX_FORMAT:
@@ -569,8 +576,13 @@ def _hash_files(paths: list[str | None]) -> list[str]:
         except OSError:
             return ""
 
-    with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
-        return list(pool.map(one, paths))
+    with bars.bar(len(paths), "hashing files") as progress, \
+            ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+        out = []
+        for digest in pool.map(one, paths):
+            out.append(digest)
+            progress.update()
+        return out
 
 
 def embed_records(embedder, source, records, data_cfg, size: int, batch_size: int,
@@ -594,13 +606,16 @@ def embed_records(embedder, source, records, data_cfg, size: int, batch_size: in
     run = tf.function(lambda x: embedder(x, training=False), reduce_retracing=True)
     done, next_report, step = 0, 0, max(batch_size, len(records) // 10)
     try:
-        for batch in ds:
-            vec = run(batch).numpy()
-            out[done:done + len(vec)] = vec
-            done += len(vec)
-            if done >= next_report and len(records) > batch_size:
-                log(f"embedded {done}/{len(records)}")
-                next_report = done + step
+        with bars.bar(len(records), "embedding", unit="image") as progress:
+            for batch in ds:
+                vec = run(batch).numpy()
+                out[done:done + len(vec)] = vec
+                done += len(vec)
+                progress.update(len(vec))
+                # Lines for logs; on a terminal the bar says it (a line would break the bar).
+                if progress.disable and done >= next_report and len(records) > batch_size:
+                    log(f"embedded {done}/{len(records)}")
+                    next_report = done + step
     except tf.errors.OpError as e:
         first = (e.message or str(e)).strip().splitlines()[-1][:160]
         raise JewelclfError(f"a catalogue file changed or vanished while embedding ({first}); "

@@ -55,6 +55,7 @@ from jewelclf.model import (HEAD, build_classifier, check_weights, feature_extra
                             unfreeze_top_blocks, without_augmentation)
 from jewelclf.plateau import StagePlateau
 from jewelclf.progress import AtomicModelCheckpoint, Progress, trim_history
+from jewelclf.tensorboard_logs import tensorboard_callbacks
 
 Log = Callable[[str], None]
 
@@ -242,22 +243,35 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _features(extractor: keras.Model, ds: tf.data.Dataset) -> np.ndarray:
-    """Pooled features of every image of a batched, ordered dataset (with a progress bar).
+def _features(extractor: keras.Model, ds: tf.data.Dataset, desc: str,
+              images: int | None = None) -> np.ndarray:
+    """Pooled features of every image of a batched, ordered dataset.
 
-    Always float32: under mixed precision the backbone's output is float16, and the head
-    trains (and the features are kept) in float32.
+    A progress bar (:mod:`jewelclf.bars`, on a terminal) counts ``images`` when given, else
+    the dataset's batches. Always float32: under mixed precision the backbone's output is
+    float16, and the head trains (and the features are kept) in float32.
     """
-    return np.asarray(extractor.predict(ds.map(lambda x, y: x), verbose=_verbose()),
-                      dtype=np.float32)
+    from jewelclf import bars
+
+    unit, total = "image", images
+    if images is None:
+        batches = int(ds.cardinality())
+        unit, total = "batch", (batches if batches >= 0 else None)
+    with bars.bar(total, desc, unit=unit) as progress:
+        callback = bars.keras_callback(progress, "row" if unit == "image" else "batch")
+        out = extractor.predict(ds.map(lambda x, y: x), verbose=0, callbacks=[callback])
+    return np.asarray(out, dtype=np.float32)
 
 
-def frozen_features(model: keras.Model, train_in_order: tf.data.Dataset,
-                    val_ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The frozen backbone's pooled features of the ordered training images and of val."""
+def frozen_features(model: keras.Model, train_in_order: tf.data.Dataset, val_ds: tf.data.Dataset,
+                    sizes: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen backbone's pooled features of the ordered training images and of val
+    (``sizes``: their image counts, for the progress bars)."""
+    n_train, n_val = sizes if sizes is not None else (None, None)
     with _scope(model):
         extractor = feature_extractor(model)
-        return _features(extractor, train_in_order), _features(extractor, val_ds)
+        return (_features(extractor, train_in_order, "stage 1 features (train)", n_train),
+                _features(extractor, val_ds, "stage 1 features (val)", n_val))
 
 
 def one_hot(records: list[Record], class_names: list[str]) -> np.ndarray:
@@ -313,6 +327,7 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
         AtomicModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
                               save_weights_only=True, initial_value_threshold=_finite(best_so_far)),
         keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, baseline=_finite(best_so_far)),
+        *tensorboard_callbacks(config, model, run_dir, "stage1", 0, log),
     ]
     if progress is not None:
         callbacks.append(progress.backup("stage1"))  # last: after the epoch's row is written
@@ -324,7 +339,8 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
             features = progress.load_features(len(labels[0]), len(labels[1]))
         if features is None:
             log("stage 1: computing the frozen backbone's features once")
-            features = frozen_features(model, train_in_order, val_ds)
+            features = frozen_features(model, train_in_order, val_ds,
+                                       sizes=(len(labels[0]), len(labels[1])))
             if progress is not None:
                 progress.save_features(features)
         x_train, x_val = features
@@ -360,6 +376,16 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
     if progress is not None:
         progress.complete("stage1", model, summary)
     return summary
+
+
+def restored_epoch(stages: dict[str, Any]) -> int:
+    """The ``history.csv`` epoch whose weights the trained model holds (0: none recorded).
+
+    Stage 2's restored epoch when it found a better one; else stage 1's, whose weights stage 2
+    started from (and restored when none of its epochs was better).
+    """
+    s2, s1 = stages.get("stage2", {}), stages.get("stage1", {})
+    return int(s2.get("restored_epoch") or s1.get("restored_epoch") or 0)
 
 
 def _restored(row: dict[str, str] | None) -> dict[str, Any]:
@@ -433,6 +459,8 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             AtomicModelCheckpoint(
                 str(best_path), monitor="val_loss", save_best_only=True, save_weights_only=True,
                 initial_value_threshold=plateau.best, verbose=0),
+            # before the plateau: the learning rate logged is the one the epoch trained with
+            *tensorboard_callbacks(config, model, run_dir, "stage2", epoch_offset + done, log),
             plateau,
         ]
         if progress is not None:
@@ -908,12 +936,15 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
                  "distribute": dist.describe()})
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
     log(describe_precision(config, precision))
+    with _failed_before_training(run_dir, info, resume):
+        # Seconds, before minutes of data checking; and before the seed is set, so that the
+        # run draws the same random numbers as it would without this check.
+        check_weights(config)
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
 
     with _failed_before_training(run_dir, info, resume):
-        check_weights(config)  # seconds, before minutes of data checking
         data = prepare_data(data_spec, config, run_dir, log)
     if resume and split_before is not None and (run_dir / rd.SPLITS).read_bytes() != split_before:
         rd.atomic_write_text(run_dir / rd.SPLITS, split_before.decode("utf-8"))
@@ -945,7 +976,8 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         if (run_dir / rd.HISTORY).exists():
             from jewelclf import plots
 
-            plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES)
+            plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES, run=run_dir.name,
+                                  restored_epoch=restored_epoch(stages))
 
         summary: dict[str, Any] = {**stages, "rejected_files": data.rejected,
                                    "num_train": len(data.train), "num_val": len(data.val),
@@ -957,8 +989,10 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
             y_true, probs = predict_records(model, data.source, data.test, names, config)
             metrics = compute_metrics(y_true, probs, names, config.train.top_k)
             metrics["data"] = f"{data_spec} (test split)"
+            from jewelclf.plots import confusion_title
+
             write_evaluation(metrics, run_dir, prediction_rows(data.test, y_true, probs, names),
-                             title=f"{run_dir.name}: test split")
+                             title=confusion_title(run_dir.name, "test", len(data.test)))
             if dist.chief:
                 log(format_report(metrics))
             summary["test"] = {k: metrics[k] for k in ("accuracy", "top_k_accuracy", "macro_f1")}

@@ -56,10 +56,12 @@ class Outputs:
         order = list(oracle.start_order) + [t for t in oracle.trials if t not in oracle.start_order]
         hyperband = any("tuner/epochs" in t.hyperparameters.values for t in oracle.trials.values())
         rows = []
-        for trial_id in order:
+        for number, trial_id in enumerate(order, start=1):
             t = oracle.trials[trial_id]
             values = t.hyperparameters.values
-            row: dict[str, Any] = {"trial": trial_id, "status": t.status,
+            # number: keras-tuner's "Trial #N" (from 1, in start order); trial: its id, the
+            # folder search/trial_<id>
+            row: dict[str, Any] = {"number": number, "trial": trial_id, "status": t.status,
                                    "score": t.score if t.status == "COMPLETED" else None}
             row.update({m: t.metrics.get_last_value(m) if t.metrics.exists(m) else None for m in METRICS})
             row["execution_scores"] = self.execution_scores(trial_id)
@@ -103,11 +105,12 @@ class Outputs:
         """The top trials by score, best first."""
         done = sorted((r for r in rows if r["status"] == "COMPLETED"), key=lambda r: -r["score"])[:TOP]
         other = "val_macro_f1" if self.objective == "val_accuracy" else "val_accuracy"
-        cols = ["trial", "score", other, *self.names]
+        cols = ["number", "trial", "score", other, *self.names]
         if done and "epochs_to" in done[0]:
             cols.append("epochs_to")
         cols.append("seconds")
-        header = ["rank", *[self.objective if c == "score" else c for c in cols]]
+        names = {"score": self.objective, "number": "trial #", "trial": "id"}
+        header = ["rank", *[names.get(c, c) for c in cols]]
         body = [[str(i), *[_fmt(c, r[c]) for c in cols]] for i, r in enumerate(done, start=1)]
         if markdown:
             lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -160,7 +163,8 @@ class Outputs:
                                 f"column of {self.run_dir / TRIALS_CSV}")
         best = max(done, key=lambda r: r["score"])
         config = self.best_config(best)
-        header = (f"# jewelclf tune: the best of {len(done)} trials (trial {best['trial']}, "
+        header = (f"# jewelclf tune: the best of {len(done)} trials (trial #{best['number']}, "
+                  f"{SEARCH_DIR}/trial_{best['trial']}, "
                   f"{self.objective} {best['score']:.4f} on the validation split)\n"
                   f"# Use it as is: jewelclf fit DATA --run-dir RUN --config {BEST_CONFIG}\n")
         rd.atomic_write_text(self.run_dir / BEST_CONFIG, header + config.to_yaml())
@@ -176,7 +180,8 @@ class Outputs:
             f"{settings.executions_per_trial} execution(s) per trial",
             f"- trials: {len(rows)} ({len(done)} completed, {failed} failed)",
             f"- search wall time: {search_seconds:.0f}s; fast mode: {fast}",
-            f"- best: trial {best['trial']}, {self.objective} {best['score']:.4f} -> "
+            f"- best: trial #{best['number']} (`{SEARCH_DIR}/trial_{best['trial']}`), "
+            f"{self.objective} {best['score']:.4f} -> "
             f"[`{BEST_CONFIG}`]({BEST_CONFIG})",
             f"- every trial: [`{TRIALS_CSV}`]({TRIALS_CSV}); keras-tuner's state: `{SEARCH_DIR}/`",
             "",

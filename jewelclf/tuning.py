@@ -39,6 +39,7 @@ from jewelclf.backbones import get_backbone
 from jewelclf.config import Config, from_dict, merge, set_dotted, validate
 from jewelclf.errors import JewelclfError
 from jewelclf.model import image_size
+from jewelclf.tensorboard_logs import TENSORBOARD_DIR
 
 Log = Callable[[str], None]
 
@@ -409,8 +410,10 @@ class _TrialHooks:
 
     def run_trial(self, trial, *args, **kwargs):
         trial_dir = kwargs["trial_dir"] = Path(self.get_trial_dir(trial.trial_id))
-        # A trial run again after an interruption starts its history afresh, in every execution.
+        # A trial run again after an interruption starts its history (and its TensorBoard
+        # logs) afresh, in every execution.
         (trial_dir / rd.HISTORY).unlink(missing_ok=True)
+        shutil.rmtree(trial_dir / TENSORBOARD_DIR, ignore_errors=True)
         for old in trial_dir.glob("execution_*"):
             shutil.rmtree(old, ignore_errors=True)
         # keras-tuner runs the executions with shallow copies of kwargs: they share this
@@ -422,7 +425,9 @@ class _TrialHooks:
 
     def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
         # keras-tuner imports tensorboard here even when no TensorBoard callback is used, and
-        # TensorFlow 2.21 no longer installs tensorboard; jewelclf passes no such callback.
+        # TensorFlow 2.21 no longer installs tensorboard. jewelclf passes keras-tuner no such
+        # callback: train_model writes each trial's logs itself, into its work folder
+        # (search/trial_<id>/tensorboard/stage1 and stage2, see jewelclf.tensorboard_logs).
         if any(type(cb).__name__ == "TensorBoard" for cb in callbacks):
             super()._configure_tensorboard_dir(callbacks, trial, execution)
 

@@ -98,7 +98,10 @@ def test_check_data_finds_each_kind_of_problem(messy):
     assert rep["problems"] == {
         "rejected": 1, "extension_mismatches": 1, "exact_duplicate_groups": 2,
         "near_duplicate_groups": 1, "groups_across_splits": 2, "groups_with_conflicting_labels": 0,
-        "too_small": 1, "exif_rotated": 1}
+        "too_small": 1, "exif_rotated": 1, "exact_groups_across_splits": 1, "empty_classes": 0}
+    assert rep["errors"] == {"exact_groups_across_splits": 1}
+    assert set(rep["warnings"]) == {"rejected", "extension_mismatches", "exact_duplicate_groups",
+                                    "near_duplicate_groups", "too_small", "exif_rotated"}
     assert rep["clean"] is False
 
     table = format_check_report(rep)
@@ -203,7 +206,8 @@ def test_check_command_table_json_and_exit_codes(messy, tmp_path):
     result = runner.invoke(main, ["check", str(messy), "--image-size", "32"])
     assert result.exit_code == 1, result.output
     assert "LEAKAGE: 2 file(s) have a copy in another split" in result.output
-    assert result.output.rstrip().splitlines()[-1].startswith("found: 1 rejected, 1 extension mismatches")
+    assert result.output.rstrip().splitlines()[-2].startswith("found: 1 rejected, 1 extension mismatches")
+    assert result.output.rstrip().splitlines()[-1].startswith("errors: 1 exact groups across splits")
 
     out = tmp_path / "report.json"
     result = runner.invoke(main, ["check", str(messy), "--json", "--output", str(out), "--near-distance", "0"])
@@ -213,7 +217,7 @@ def test_check_command_table_json_and_exit_codes(messy, tmp_path):
     assert printed["settings"]["near_duplicate_distance"] == 0 and printed["duplicates"]["near"] == []
 
     clean = make_split_folder(tmp_path / "clean", train=3, test=1)
-    result = runner.invoke(main, ["check", str(clean)])
+    result = runner.invoke(main, ["check", str(clean), "--image-size", "32"])
     assert result.exit_code == 0 and "clean: nothing found" in result.output
 
     result = runner.invoke(main, ["check", str(tmp_path / "nope")])
@@ -231,3 +235,27 @@ def test_check_data_reads_tfds():
         rep = check_data("tfds:cats_vs_dogs", near_duplicate_distance=None)
     assert rep["files"] == 6 and rep["extension_mismatches"] == []
     assert set(rep["classes"]) == {"cat", "dog"}
+
+
+def test_check_exits_0_on_warnings_1_with_strict_and_uses_the_configured_size(tmp_path):
+    """Warnings (a .jpg that is a PNG, images under the input side) leave the exit status 0,
+    so a `check && fit` chain goes on; --strict fails on them. The size is the config's."""
+    root = make_split_folder(tmp_path / "d", train=3, test=1)  # 40x48 px images
+    from PIL import Image
+
+    Image.new("RGB", (40, 48), (200, 10, 10)).save(root / "train" / "ring" / "really_a_png.jpg", "PNG")
+    runner = CliRunner()
+    result = runner.invoke(main, ["check", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.output)
+    assert rep["errors"] == {} and rep["warnings"]["extension_mismatches"] == 1
+    assert rep["settings"]["input_size"] == 224  # the default config's backbone, resnet50
+    assert runner.invoke(main, ["check", str(root), "--strict"]).exit_code == 1
+
+    config = tmp_path / "small.yaml"
+    config.write_text("model: {backbone: mobilenet_025}\ndata: {image_size: 32}\n")
+    rep = json.loads(runner.invoke(main, ["check", str(root), "--json", "--config", str(config)]).output)
+    assert rep["settings"]["input_size"] == 32 and rep["too_small"] == []
+    assert rep["settings"]["backbone"] == "mobilenet_025"
+    table = runner.invoke(main, ["check", str(root), "--config", str(config)]).output
+    assert table.rstrip().splitlines()[-1].startswith("no errors, warnings only (exit status 0")

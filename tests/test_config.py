@@ -96,3 +96,17 @@ def test_non_finite_learning_rate_is_refused(tmp_path, value):
     f.write_text(f"train:\n  stage1:\n    learning_rate: {value}\n")
     with pytest.raises(JewelclfError, match="'train.stage1.learning_rate'"):
         cfg.resolve(f)
+
+
+def test_a_relative_weights_path_is_saved_absolute(tmp_path, monkeypatch):
+    """A config a run or a search saves (config.yaml, best_config.yaml) must work from any
+    folder: `weights: ../shared/x.h5` as typed would not."""
+    from jewelclf.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text("model: {weights: ../w/base.h5}\n")
+    assert resolve(tmp_path / "exp.yaml").model.weights == str(tmp_path.parent / "w" / "base.h5")
+    flagged = resolve(None, {"model": {"weights": "w.h5"}})
+    assert flagged.model.weights == str(tmp_path / "w.h5")
+    assert resolve(None, {"model": {"weights": "imagenet"}}).model.weights == "imagenet"
+    assert resolve(None, {"model": {"weights": "none"}}).model.weights == "none"

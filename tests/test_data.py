@@ -174,9 +174,9 @@ EXPECT_OK = {"cmyk.jpg", "deep.png", "rgba.png", "anim.gif", "pic.bmp", "pic.web
 EXPECT_REASON = {
     "truncated.jpg": "corrupt JPEG",
     "zero.jpg": "empty file",
-    "text.jpg": "unsupported format (text)",
+    "text.jpg": "not a supported image (text)",
     "tiny.png": "too small",
-    "scan.tif": "unsupported format (TIFF)",
+    "scan.tif": "not a supported image (TIFF)",
 }
 
 

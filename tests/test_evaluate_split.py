@@ -100,3 +100,22 @@ def test_part_of_the_training_folder_is_scored_with_a_warning(tiny_run, tmp_path
     assert metrics["trained_on"] == n_train
     assert f"{n_train} of these {metrics['num_examples']} images trained the run" in metrics["warning"]
     assert "warning:" in result.output
+
+
+def test_the_default_output_folder_is_named_by_split_and_data_folder(flat_run, tmp_path):
+    """`ls RUN_DIR/evaluations` shows test_<data folder>; another folder of the same name gets
+    its own `_2` folder instead of replacing the first, and the same data replaces its own."""
+    run_dir, data = flat_run
+    shutil.rmtree(run_dir / "evaluations", ignore_errors=True)
+    assert run("evaluate", run_dir, data).exit_code == 0
+    assert run("evaluate", run_dir, data, "--split", "val").exit_code == 0
+    twin = shutil.copytree(data, tmp_path / "elsewhere" / data.name)
+    result = run("evaluate", run_dir, twin, "--split", "val")
+    assert result.exit_code == 0, result.output
+    assert run("evaluate", run_dir, data).exit_code == 0
+    name = data.name
+    assert sorted(p.name for p in (run_dir / "evaluations").iterdir()) == [
+        f"test_{name}", f"val_{name}", f"val_{name}_2"]
+    held = json.loads((run_dir / "evaluations" / f"val_{name}_2" / "metrics.json").read_text())
+    assert held["data_key"] == str(twin.resolve())
+    assert f"evaluations/val_{name}_2/metrics.json" in result.output

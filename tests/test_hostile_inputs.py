@@ -117,7 +117,7 @@ def test_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
     assert not check.ok and "not valid UTF-8" in check.reason
     rep = check_data(str(root))
     assert [r["file"] for r in rep["rejected"]] == ["ring/caf\\xe9.jpg"]
-    result = CliRunner().invoke(main, ["check", str(root)])
+    result = CliRunner().invoke(main, ["check", str(root), "--strict"])  # a reject warns
     assert result.exit_code == 1 and "ring/caf\\xe9.jpg: the file name is not valid UTF-8" in result.output
 
 
@@ -355,7 +355,8 @@ def test_csv_extra_fields_malformed_text_and_nul_bytes(csv_root):
 
 
 def test_hostile_folder_through_the_command(tmp_path):
-    """All of it at once through `jewelclf check`: exit 1, one line per reject naming the file."""
+    """All of it at once through `jewelclf check --strict`: exit 1 (unreadable files are
+    warnings: fit leaves them out), one line per reject naming the file."""
     root = make_class_folder(tmp_path / "d", per_class=2, classes=("ring", "watch"))
     (root / "ring" / "bomb.png").write_bytes(png_bytes(20_000, 20_000))
     (root / "ring" / "zero.png").write_bytes(png_bytes(0, 0))
@@ -364,13 +365,13 @@ def test_hostile_folder_through_the_command(tmp_path):
     os.mkfifo(root / "ring" / "pipe.jpg")
     os.symlink("loop.jpg", root / "watch" / "loop.jpg")
     (root / "watch" / "notes.jpg").write_text("not an image")
-    result = within(60, CliRunner().invoke, main, ["check", str(root)])
+    result = within(60, CliRunner().invoke, main, ["check", str(root), "--strict"])
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     for line in ("ring/bomb.png: too large: 20000x20000 px", "ring/zero.png: corrupt PNG",
                  "ring/pipe.jpg: not a regular file", "watch/loop.jpg: a symlink loop",
-                 "watch/notes.jpg: unsupported format (text)"):
+                 "watch/notes.jpg: not a supported image (text)"):
         assert any(out.strip().startswith(line) for out in result.output.splitlines()), line
     assert "unreadable or unsupported (5):" in result.output
 

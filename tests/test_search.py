@@ -254,7 +254,7 @@ def test_similar_skips_unreadable_queries_and_fails_when_none_is_readable(built,
     bad.write_text("hello")
     ok = run("similar", built[0], catalogue / "ring" / "ring_000.jpg", bad, "--k", "2")
     assert ok.exit_code == 0
-    assert f"skipped {bad}: unsupported format (text)" in ok.output
+    assert f"skipped {bad}: not a supported image (text)" in ok.output
     none = run("similar", built[0], bad, tmp_path / "missing.jpg")
     assert none.exit_code == 2 and "no readable query image" in none.output
     assert "Traceback" not in none.output

@@ -118,7 +118,8 @@ def test_two_trial_search_of_each_tuner(setup, tuner):
     # The top-trials table: in the terminal and in tuning_report.md; the plot.
     assert f"top trials by {objective} (2 completed, 0 failed)" in output
     report = (run_dir / "tuning_report.md").read_text()
-    assert f"| rank | trial | {objective} |" in report
+    assert f"| rank | trial # | id | {objective} |" in report  # numbered as keras-tuner's "Trial #1"
+    assert [r["number"] for r in rows] == ["1", "2"]
     assert sum(line.startswith("| 1 |") or line.startswith("| 2 |") for line in report.splitlines()) == 2
     assert (run_dir / "tuning_scores.png").stat().st_size > 1000
     # Fast mode: the backbone's features are computed once for the search, never in a trial.
@@ -341,3 +342,24 @@ def test_memory_stays_flat_across_trials(setup):
     growth = r["rss_mb_after_last"] - r["rss_mb_after_3"]
     assert growth < 7, r["rss_mb_per_trial"]
     assert r["peak_rss_mb_after_last"] - r["peak_rss_mb_after_3"] < 7, r
+
+
+def test_tune_takes_fits_model_and_data_flags(setup, tmp_path):
+    """`jewelclf tune DATA --backbone ... --weights ... --image-size ...` as with fit: the flags
+    set the base config of every trial, and so best_config.yaml; --resume refuses them."""
+    weights = setup["root"] / "tiny.weights.h5"
+    run_dir = tmp_path / "flags"
+    result = run("tune", setup["data"], "--run-dir", run_dir, "--backbone", "tiny_cnn",
+                 "--weights", weights, "--image-size", 32, "--batch-size", 8, "--epochs", 1,
+                 "--fine-tune-epochs", 0, "--seed", 7, "--class-weight", "none",
+                 "--tuner", "random", "--max-trials", 1, "--space", setup["space"])
+    assert result.exit_code == 0, result.output
+    best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+    assert best["model"]["backbone"] == "tiny_cnn" and best["model"]["weights"] == str(weights)
+    assert best["data"]["image_size"] == 32 and best["data"]["batch_size"] == 8
+    assert best["train"]["seed"] == 7 and best["train"]["class_weight"] == "none"
+    assert best["train"]["stage1"]["epochs"] == 1 and best["train"]["stage2"]["epochs"] == 0
+    refused = run("tune", setup["data"], "--run-dir", run_dir, "--resume", "--image-size", 64)
+    assert refused.exit_code == 2
+    assert refused.output.strip() == ("error: --resume continues the search with its saved config; "
+                                      "drop --image-size, or start a new search in another --run-dir")

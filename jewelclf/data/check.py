@@ -21,8 +21,10 @@ from pathlib import Path
 import tensorflow as tf
 from PIL import Image
 
-from jewelclf.data.images import (ANIMATED_WEBP_REASON, SUPPORTED_FORMATS, decode_rgb,
-                                  describe_unsupported, is_animated_webp, sniff_format)
+from jewelclf import bars
+from jewelclf.data.formats import (ANIMATED_WEBP_REASON, is_animated_webp, sniff_format,
+                                   unsupported_reason)
+from jewelclf.data.images import decode_rgb
 from jewelclf.data.sources import Record
 
 # jewelclf applies its own pixel limit (data.max_pixels) with a clearer message than PIL's.
@@ -86,9 +88,7 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
         return FileCheck(record, False, "empty file (0 bytes)")
     fmt = sniff_format(data[:16])
     if fmt is None:
-        what = describe_unsupported(data[:64])
-        return FileCheck(record, False, f"unsupported format ({what}); supported: "
-                                        f"{', '.join(SUPPORTED_FORMATS)}")
+        return FileCheck(record, False, unsupported_reason(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -183,23 +183,29 @@ def check_file(record: Record, max_pixels: int, min_side: int, on_bytes=None) ->
 
 
 def check_records(records: list[Record], max_pixels: int, min_side: int, workers: int = 4,
-                  read_bytes=None, on_bytes=None) -> list[FileCheck]:
+                  read_bytes=None, on_bytes=None, desc: str = "checking files") -> list[FileCheck]:
     """Check each record, in parallel threads; results come back in the records' order.
 
     ``read_bytes`` maps records to their encoded bytes for sources that are not files (TFDS).
     ``on_bytes(record, data, check)``, if given, is called (in the worker thread) for every
-    record whose bytes could be read; :mod:`jewelclf.data.report` hashes them there.
+    record whose bytes could be read; :mod:`jewelclf.data.report` hashes them there. A progress
+    bar named ``desc`` shows on a terminal (:mod:`jewelclf.bars`).
     """
-    if read_bytes is not None:
-        out = []
-        for r, b in read_bytes(records):
-            c = check_bytes(r, b, max_pixels, min_side)
-            if on_bytes is not None:
-                on_bytes(r, b, c)
-            out.append(c)
-        return out
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda r: check_file(r, max_pixels, min_side, on_bytes), records))
+    out: list[FileCheck] = []
+    with bars.bar(len(records), desc) as progress:
+        if read_bytes is not None:
+            for r, b in read_bytes(records):
+                c = check_bytes(r, b, max_pixels, min_side)
+                if on_bytes is not None:
+                    on_bytes(r, b, c)
+                out.append(c)
+                progress.update()
+            return out
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for c in pool.map(lambda r: check_file(r, max_pixels, min_side, on_bytes), records):
+                out.append(c)
+                progress.update()
+    return out
 
 
 def write_rejected(checks: list[FileCheck], path: Path) -> int:

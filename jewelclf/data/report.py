@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jewelclf import bars
 from jewelclf.config import DataConfig
 from jewelclf.data.check import FileCheck, check_records, read_file_bytes
 from jewelclf.data.sources import Record, load_source
@@ -197,20 +198,25 @@ def _hamming_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int
     popcount = getattr(np, "bitwise_count", None)
     step = max(1, 2**20 // n)
     out: list[tuple[int, int, int]] = []
-    for start in range(0, n - 1, step):
-        stop = min(n, start + step)
-        if popcount is not None:
-            block = words[start:stop, None, :] ^ words[None, start:, :]
-            dist = popcount(block).sum(axis=-1, dtype=np.int32)
-        else:  # numpy < 2.0
-            block = hashes[start:stop, None, :] ^ hashes[None, start:, :]
-            dist = _POPCOUNT[block].sum(axis=-1, dtype=np.int32)
-        ii, jj = np.nonzero(dist <= max_distance)
-        jj = jj + start
-        ii = ii + start
-        keep = jj > ii
-        for i, j in zip(ii[keep].tolist(), jj[keep].tolist()):
-            out.append((i, j, int(dist[i - start, j - start])))
+    # Counted in pairs, not rows: a block's work shrinks as it moves down the triangle.
+    with bars.bar(n * (n - 1) // 2, "near-duplicate search", unit="pair",
+                  unit_scale=True) as progress:
+        for start in range(0, n - 1, step):
+            stop = min(n, start + step)
+            if popcount is not None:
+                block = words[start:stop, None, :] ^ words[None, start:, :]
+                dist = popcount(block).sum(axis=-1, dtype=np.int32)
+            else:  # numpy < 2.0
+                block = hashes[start:stop, None, :] ^ hashes[None, start:, :]
+                dist = _POPCOUNT[block].sum(axis=-1, dtype=np.int32)
+            ii, jj = np.nonzero(dist <= max_distance)
+            jj = jj + start
+            ii = ii + start
+            keep = jj > ii
+            for i, j in zip(ii[keep].tolist(), jj[keep].tolist()):
+                out.append((i, j, int(dist[i - start, j - start])))
+            rows = stop - start
+            progress.update(rows * (n - 1) - rows * (start + stop - 1) // 2)  # pairs (i, j > i) done
     return out
 
 
@@ -349,12 +355,15 @@ def fingerprint_records(records: list[Record], perceptual: bool = True, workers:
         if data is not None:
             facts[r] = fingerprint(data, max_pixels, perceptual=perceptual, orientation=False)
 
-    if read_bytes is not None:
-        for r, data in read_bytes(records):
-            one(r, data)
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(lambda r: one(r, read_file_bytes(r)[0]), records))
+    with bars.bar(len(records), "hashing files") as progress:
+        if read_bytes is not None:
+            for r, data in read_bytes(records):
+                one(r, data)
+                progress.update()
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for _ in pool.map(lambda r: one(r, read_file_bytes(r)[0]), records):
+                    progress.update()
     return facts
 
 
@@ -396,6 +405,12 @@ def _imbalance(classes: dict[str, dict], class_names: list[str], split: str | No
         "smallest": {"class": smallest[0], "count": smallest[1]},
         "empty_classes": sorted(c for c, n in counts.items() if n == 0),
     }
+
+
+ERROR_KINDS = ("exact_groups_across_splits", "groups_with_conflicting_labels", "empty_classes")
+"""Findings that are errors: what makes ``fit`` refuse the data (a byte-identical copy in two
+splits, a class with no usable image) or is certainly wrong (one image under two labels). The
+other findings are warnings: ``fit`` leaves unreadable files out, and trains on the rest as is."""
 
 
 def check_data(spec: str, backbone: str | None = None, image_size: int | None = None,
@@ -471,6 +486,8 @@ def check_data(spec: str, backbone: str | None = None, image_size: int | None = 
         "groups_with_conflicting_labels": sum(g["conflicting_labels"] for g in exact + near),
         "too_small": len(too_small),
         "exif_rotated": len(rotated),
+        "exact_groups_across_splits": sum(g["across_splits"] for g in exact),
+        "empty_classes": len(imbalance["empty_classes"]) if imbalance else 0,
     }
     return {
         "data": _show(spec),
@@ -497,6 +514,9 @@ def check_data(spec: str, backbone: str | None = None, image_size: int | None = 
         "too_small": too_small,
         "exif_rotated": rotated,
         "problems": problems,
+        "errors": {k: problems[k] for k in ERROR_KINDS if problems[k]},
+        "warnings": {k: n for k, n in problems.items() if n and k not in ERROR_KINDS
+                     and k != "groups_across_splits"},
         "clean": not any(problems.values()),
     }
 
@@ -597,7 +617,12 @@ def format_check_report(report: dict, limit: int = 10) -> str:
     lines.append("")
     if report["clean"]:
         lines.append("clean: nothing found")
+        return "\n".join(lines)
+    found = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in report["problems"].items() if n)
+    lines.append(f"found: {found}")
+    if report["errors"]:
+        errors = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in report["errors"].items())
+        lines.append(f"errors: {errors} (fit refuses or mislearns such data; exit status 1)")
     else:
-        found = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in report["problems"].items() if n)
-        lines.append(f"found: {found}")
+        lines.append("no errors, warnings only (exit status 0; --strict makes warnings fail)")
     return "\n".join(lines)

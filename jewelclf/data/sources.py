@@ -307,20 +307,27 @@ def from_tfds(spec: str) -> DataSource:
                       tfds=TfdsInfo(name, image_key, label_key, str(builder.data_dir)))
 
 
-def load_source(spec: str) -> DataSource:
-    """Resolve a ``DATA`` argument; a missing or unusable one is a one-line error."""
+def require_data(spec: str) -> None:
+    """The cheap checks of a ``DATA`` argument (it exists, and is a folder or a .csv), made
+    before a command pays for importing TensorFlow; each failure is a one-line error."""
     if spec.startswith("tfds:"):
-        return from_tfds(spec)
+        return
     path = Path(spec).expanduser()
     if not path.exists() and path.is_symlink():
         raise JewelclfError(f"data path '{spec}' is a broken symlink or a symlink loop; point it at a folder or a CSV")
     if not path.exists():
         raise JewelclfError(f"data path '{spec}' does not exist; pass a folder of class subfolders or a CSV manifest")
-    if path.is_dir():
-        return from_folder(path)
-    if path.suffix.lower() == ".csv":
-        return from_csv(path)
-    raise JewelclfError(
-        f"data path '{spec}' is a file but not a .csv manifest; pass a folder of class "
-        f"subfolders, a CSV with path,label columns, or tfds:NAME"
-    )
+    if not path.is_dir() and path.suffix.lower() != ".csv":
+        raise JewelclfError(
+            f"data path '{spec}' is a file but not a .csv manifest; pass a folder of class "
+            f"subfolders, a CSV with path,label columns, or tfds:NAME"
+        )
+
+
+def load_source(spec: str) -> DataSource:
+    """Resolve a ``DATA`` argument; a missing or unusable one is a one-line error."""
+    require_data(spec)
+    if spec.startswith("tfds:"):
+        return from_tfds(spec)
+    path = Path(spec).expanduser()
+    return from_folder(path) if path.is_dir() else from_csv(path)
