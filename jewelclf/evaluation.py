@@ -288,6 +288,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     from jewelclf.data.check import check_records, write_rejected
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
+    from jewelclf.plots import confusion_title
     from jewelclf.rundir import (
         CONFIG,
         MODEL,
@@ -328,5 +329,6 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     metrics.update(chosen.describe(records))
     metrics["rejected_files"] = n_rejected
     write_evaluation(metrics, out_dir, prediction_rows(records, y_true, probs, class_names),
-                     title=f"{run_dir.name} on {data_spec}")
+                     title=confusion_title(run_dir.name, chosen.split, len(records),
+                                           data=None if chosen.from_run else data_spec))
     return metrics, out_dir
