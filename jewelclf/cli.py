@@ -172,6 +172,9 @@ def _refuse_with_resume(what: str, config_file, flags: dict, overwrite: bool = F
 @_config_flag("--dropout", "model.dropout",
               "Dropout rate before the softmax (and after the hidden layer).", type=float)
 @_config_flag("--augment/--no-augment", "augment.enabled", "Training-time augmentation (stage 2).")
+@_config_flag("--target-accuracy", "train.target_accuracy",
+              "Validation accuracy the review threshold is chosen for: images below it need "
+              "review.", type=float)
 @_config_flag("--distribute", "train.distribute",
               "mirrored: all local GPUs; multi_worker: the machines of TF_CONFIG. --batch-size "
               "is per replica.", type=click.Choice(["none", "mirrored", "multi_worker"]))
@@ -272,7 +275,8 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
 @click.option("--model", "server_model", help="With --server: the model name TF Serving serves.")
 @click.option("--version", type=int, help="With --server: ask for this model version.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per request.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="With --server: seconds per request.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="With --server: seconds for each whole request, connect to last byte.")
 @_VERBOSE
 @_handle_errors
 def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout, verbose):
@@ -280,6 +284,7 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
     .keras or .tflite file, or a run dir), or with --server URL --model NAME through TF Serving."""
     import json as json_mod
 
+    from jewelclf.display import quote_name
     from jewelclf.predict import format_table, run_predict
 
     model, images = (None, list(paths)) if server else ((paths[0] if paths else None), list(paths[1:]))
@@ -291,7 +296,7 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
     results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout)
     for r in results:
         if r.error is not None:
-            click.echo(f"skipped {r.image}: {r.error}", err=True)
+            click.echo(f"skipped {quote_name(r.image)}: {r.error}", err=True)
     if as_json:
         click.echo(json_mod.dumps([r.to_dict() for r in results], indent=2))
     elif any(r.error is None for r in results):
@@ -339,15 +344,21 @@ def index_command(model, catalogue, output, batch_size, layer, exact_threshold, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path),
               help="Also write a page of thumbnails to this .html file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
 @_VERBOSE
 @_handle_errors
-def similar_command(index_dir, images, k, same_class, as_json, html_out, verbose):
+def similar_command(index_dir, images, k, same_class, as_json, html_out, overwrite, verbose):
     """Find the catalogue items of INDEX_DIR most similar to each IMAGE (cosine similarity)."""
     import json as json_mod
 
     from jewelclf.search import require_index
 
-    require_index(index_dir)
+    for note in require_index(index_dir):
+        click.echo(f"note: {note}", err=True)
+    if html_out:
+        from jewelclf.search_report import check_html_path
+
+        check_html_path(html_out, index_dir, overwrite)  # before the search, not after it
     _start(verbose)
 
     from jewelclf.search import format_similar, similar
@@ -359,7 +370,37 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out, verbose
     if html_out:
         from jewelclf.search_report import write_html
 
-        click.echo(f"wrote {write_html(report, html_out)}", err=as_json)
+        click.echo(f"wrote {write_html(report, html_out, overwrite)}", err=as_json)
+
+
+# --- label-error review (issue #18): jewelclf review -------------------------------------------
+
+
+@main.command("review")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("data")
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="Folder for label_issues.csv, label_issues.html, "
+                   "duplicate_label_conflicts.csv and review.json.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Stratified folds of the out-of-fold predictions (seeded by the run's seed).")
+@click.option("--head", type=click.Choice(["keras", "logistic"]), default="keras",
+              show_default=True,
+              help="What the folds train on the stage-1 features: the run's own Keras head, or "
+                   "scikit-learn's logistic regression.")
+@click.option("--overwrite", is_flag=True, help="Replace a review already in --output.")
+@_VERBOSE
+@_handle_errors
+def review_command(run_dir, data, output, folds, head, overwrite, verbose):
+    """Rank the train and val images of RUN_DIR most likely to be mislabelled (confident
+    learning on out-of-fold predictions, through cleanlab), with a contact sheet, and list
+    near-duplicate images under different labels. DATA is the data the run trained on."""
+    _start(verbose, data, run_dir)
+    from jewelclf.review import format_summary, review_run
+
+    summary = review_run(run_dir, data, output, overwrite=overwrite, folds=folds, head=head,
+                         log=click.echo)
+    click.echo(format_summary(summary, output))
 
 
 # --- hyperparameter search (issue #3): jewelclf tune ---------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ class TrainConfig:
     tensorboard: bool = True
     """Write TensorBoard logs of both stages (and of tune's trials) into the run dir's
     ``tensorboard/``; the viewer is ``pip install tensorboard``, then ``tensorboard --logdir runs/``."""
+    target_accuracy: float = 0.98
+    """After training, ``fit`` chooses the review threshold: the lowest calibrated confidence at
+    which the validation images kept reach this accuracy (the rest need a person's review)."""
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
@@ -148,6 +152,9 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+
+MAX_SEED = 2**32 - 1
+"""The largest ``train.seed``: NumPy's and Keras' seeds are unsigned 32-bit integers."""
 
 _CHOICES = {
     "data.resize": ("squash", "crop"),
@@ -231,23 +238,74 @@ def set_dotted(overrides: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (where PyYAML lets the
+    last one win silently). Keys merged in with ``<<`` may still be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unsafe_tag(e: yaml.YAMLError) -> str | None:
+    """The tag a safe loader has no constructor for (``!!python/object:os.system``), or ``None``."""
+    if not isinstance(e, yaml.constructor.ConstructorError):
+        return None
+    found = re.search(r"constructor for the tag '([^']*)'", e.problem or "")
+    if not found:
+        return None
+    return re.sub(r"^tag:yaml\.org,2002:", "!!", found.group(1))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` read as plain YAML data; a syntax error, a key given twice or a tag that would
+    build a Python object (``!!python/object``) is a one-line error naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as e:
+        raise JewelclfError(f"{source} line {e.line}: key '{e.key}' is given twice (first on line "
+                            f"{e.first_line}); keep one") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        tag = _unsafe_tag(e)
+        if tag is not None:
+            raise JewelclfError(f"{source}{where.replace(' at', '')}: the tag '{tag}' is not allowed (jewelclf reads plain "
+                                f"YAML values only); remove it") from None
+        raise JewelclfError(f"{source} is not valid YAML{where}; fix its syntax") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML override file; a missing or malformed file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise JewelclfError(f"config file '{path}' does not exist; check the --config path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"), f"config file '{path}'")
     except UnicodeDecodeError as e:
         raise JewelclfError(f"config file '{path}' is not UTF-8 text (byte {e.start} cannot be "
                             f"decoded); save it as UTF-8") from None
     except OSError as e:
         raise JewelclfError(f"config file '{path}' cannot be read ({e.strerror or e}); check its "
                             f"permissions") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise JewelclfError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -292,6 +350,12 @@ def validate(config: Config) -> Config:
         raise JewelclfError("config keys 'data.val_fraction' + 'data.test_fraction' must stay below 0.9")
     if not 0.0 < flat["train.stage2.reduce_lr_factor"] < 1.0:
         raise JewelclfError("config key 'train.stage2.reduce_lr_factor' must be in (0, 1)")
+    if not 0.0 < flat["train.target_accuracy"] <= 1.0:
+        raise JewelclfError(f"config key 'train.target_accuracy' must be in (0, 1], got "
+                            f"{flat['train.target_accuracy']} (0.98 means 98% accuracy)")
+    if not 0 <= flat["train.seed"] <= MAX_SEED:
+        raise JewelclfError(f"config key 'train.seed' must be in 0..{MAX_SEED} (what NumPy and Keras "
+                            f"accept), got {flat['train.seed']}")
     if flat["data.image_size"] is not None and flat["data.image_size"] <= 0:
         raise JewelclfError(f"config key 'data.image_size' must be positive, got {flat['data.image_size']}")
     return config

@@ -13,8 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from jewelclf import calibration as calibration_mod
+from jewelclf.calibration import Calibration
 from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
+
+RELIABILITY_PNG = "reliability_diagram.png"
+COVERAGE_PNG = "coverage_accuracy.png"
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
@@ -94,12 +99,31 @@ def format_report(metrics: dict[str, Any]) -> str:
     lines.append(f"accuracy {metrics['accuracy']:.4f}   top-{metrics['top_k']} accuracy "
                  f"{metrics['top_k_accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
                  f"({total} images{_scored_what(metrics)})")
+    lines.extend(_calibration_lines(metrics))
     if metrics.get("warning"):
         lines.append(f"warning: {metrics['warning']}")
     if metrics["most_confused"]:
         lines.append("most confused (true -> predicted: count): " + "; ".join(
             f"{p['true']} -> {p['predicted']}: {p['count']}" for p in metrics["most_confused"]))
     return "\n".join(lines)
+
+
+def _calibration_lines(metrics: dict[str, Any]) -> list[str]:
+    """The temperature and ECE, and what the run's review threshold keeps of these images."""
+    if "ece" not in metrics:
+        return []
+    cal = metrics["calibration"]
+    lines = [(f"calibration: temperature {cal['temperature']:.3f}; ECE ({metrics['ece_bins']} "
+              f"bins) {metrics['ece_uncalibrated']:.4f} uncalibrated, {metrics['ece']:.4f} calibrated")]
+    kept = metrics["coverage"]["at_threshold"]
+    if kept is not None:
+        accuracy = "n/a" if kept["accuracy"] is None else f"{kept['accuracy']:.4f}"
+        lines.append(f"review threshold {kept['threshold']:.4f} (chosen for val accuracy "
+                     f"{metrics['coverage']['target_accuracy']}): keeps {kept['coverage']:.1%} of "
+                     f"these images at accuracy {accuracy}; {kept['needs_review']} need review")
+    if metrics.get("calibration_note"):
+        lines.append(metrics["calibration_note"])
+    return lines
 
 
 def _scored_what(metrics: dict[str, Any]) -> str:
@@ -109,9 +133,33 @@ def _scored_what(metrics: dict[str, Any]) -> str:
     return f", the run's {split} split" if metrics.get("split_source") == "run" else f", {split} split"
 
 
+def score(y_true: np.ndarray, raw: np.ndarray, class_names: list[str], top_k: int,
+          calibration: Calibration | None) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics of the calibrated probabilities of the model's ``raw`` ones (``calibration``
+    ``None``: an older run, scored as it is), with the calibration and coverage fields; and
+    those probabilities."""
+    probs = calibration.apply(raw) if calibration is not None else np.asarray(raw)
+    metrics = compute_metrics(y_true, probs, class_names, top_k)
+    metrics.update(calibration_mod.report(y_true, raw, probs, calibration))
+    return metrics, probs
+
+
+def calibrate_run(model, data, config, run_dir: Path, log=print) -> Calibration:
+    """Fit the temperature and the review threshold (for ``train.target_accuracy``) on the
+    validation split of ``data`` (a ``PreparedData``); write them to the run's calibration file."""
+    from jewelclf.rundir import CALIBRATION
+
+    y_val, probs = predict_records(model, data.source, data.val, data.class_names, config)
+    calibration = calibration_mod.calibrate(probs, y_val, config.train.target_accuracy)
+    calibration_mod.write(Path(run_dir) / CALIBRATION, calibration)
+    log(calibration.describe())
+    return calibration
+
+
 def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[dict[str, Any]],
                      title: str = "") -> None:
-    """Write ``metrics.json``, ``confusion_matrix.png`` and ``predictions.csv`` into ``out_dir``."""
+    """Write ``metrics.json``, ``confusion_matrix.png`` and ``predictions.csv`` into ``out_dir``;
+    with :func:`score`'s fields also ``reliability_diagram.png`` and ``coverage_accuracy.png``."""
     from jewelclf import plots
     from jewelclf.rundir import atomic_write_json, atomic_write_text
 
@@ -120,6 +168,9 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
     cm = np.array(metrics["confusion_matrix"]["matrix"])
     plots.confusion_matrix(cm, metrics["confusion_matrix"]["class_names"],
                            out_dir / "confusion_matrix.png", title=title)
+    if "ece" in metrics:
+        plots.reliability_diagram(metrics, out_dir / RELIABILITY_PNG, title=title)
+        plots.coverage_accuracy(metrics["coverage"], out_dir / COVERAGE_PNG, title=title)
     if predictions:
         import io
 
@@ -282,7 +333,9 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     :func:`choose_records`'s choice: on the run's own data, its recorded ``test`` (or ``val``)
     split, never its training images unless ``split="train"`` asks; ``metrics.json`` records
     the split, its source, the number of images and a fingerprint of their list. Unreadable
-    files are reported in ``rejected_files.csv`` and left out.
+    files are reported in ``rejected_files.csv`` and left out. The probabilities scored and
+    written are calibrated with the run's temperature (:func:`score`); a run without a
+    calibration file is scored as it is, and the report says so.
     """
     from jewelclf import config as config_mod
     from jewelclf.data.check import check_records, write_rejected
@@ -290,6 +343,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     from jewelclf.data.sources import load_source
     from jewelclf.plots import confusion_title
     from jewelclf.rundir import (
+        CALIBRATION,
         CONFIG,
         MODEL,
         load_model_file,
@@ -303,6 +357,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     class_names = read_class_names(run_dir)
     # Before DATA is read: a corrupt model must not cost a pass over every image first.
     model = load_model_file(run_dir / MODEL, len(class_names))
+    calibration = calibration_mod.read(run_dir / CALIBRATION)
     source = load_source(data_spec)
     chosen = choose_records(run_dir, info, source, split)
     records = chosen.records
@@ -322,8 +377,10 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     records = [c.record for c in checks if c.ok]
     if not records:
         raise JewelclfError(f"no readable images in '{data_spec}'; see {out_dir / 'rejected_files.csv'}")
-    y_true, probs = predict_records(model, source, records, class_names, config)
-    metrics = compute_metrics(y_true, probs, class_names, config.train.top_k)
+    y_true, raw = predict_records(model, source, records, class_names, config)
+    metrics, probs = score(y_true, raw, class_names, config.train.top_k, calibration)
+    if calibration is None:
+        metrics["calibration_note"] = calibration_mod.MISSING_NOTE.format(run=run_dir)
     metrics["data"] = data_spec
     metrics["data_key"] = data_key(data_spec)
     metrics.update(chosen.describe(records))

@@ -8,7 +8,10 @@
       WebP bytes. Decoding, resizing and the backbone's preprocessing run inside the graph, with
       the very functions training used (:func:`jewelclf.data.images.load_image`). An animated
       WebP, on which TensorFlow's decoder aborts the process, is recognised from its header
-      bytes and answered ``valid`` false without being decoded.
+      bytes and answered ``valid`` false without being decoded. So is an image whose header
+      claims more pixels than the run's ``data.max_pixels`` or a side under its
+      ``data.min_image_side`` (both recorded in ``assets.extra/jewelclf.json``), with the data
+      check's reason: a PNG of a few hundred KB can claim 15000x15000, 900 MB decoded.
     - ``serving_pixels``: ``pixels``, uint8 ``[batch, H, W, 3]`` of any size, resized in the graph.
 
     Both return ``probabilities`` (float32 ``[batch, classes]``), ``classes`` (string
@@ -26,6 +29,9 @@
     A version is written into a hidden temp folder beside the versions, checked in a fresh
     Python process that does not import jewelclf (parity with the Keras model), and only then
     renamed into place, so TF Serving never sees half a model and a failed check leaves nothing.
+    The temp folder is locked while its export lives, so exports from other hosts sharing the
+    folder leave it alone, and it holds the parity check's files too; the parity process dies
+    with the export (:mod:`jewelclf.staging`).
 
 ``tflite``
     One ``model_<mode>.tflite`` per quantization mode, through Keras' LiteRT exporter (TF's
@@ -41,11 +47,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -55,6 +59,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from jewelclf.errors import JewelclfError
+from jewelclf.staging import (  # noqa: F401  (TMP_PREFIX: re-exported)
+    PARENT_ENV,
+    TMP_PREFIX,
+    WATCH_PARENT,
+    Staging,
+    cleanup_stale,
+    rename_noreplace,
+)
 
 Log = Callable[[str], None]
 
@@ -78,7 +90,6 @@ INFO = "jewelclf.json"
 """Input description and class names: ``assets.extra/jewelclf.json`` in a SavedModel, and
 beside the model file in ``tflite``/``keras`` exports."""
 CLASS_NAMES = "class_names.json"
-TMP_PREFIX = ".tmp-export-"
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 8
 REPRESENTATIVE_IMAGES = 64
@@ -116,7 +127,13 @@ class RunModel:
     def describe(self) -> dict[str, Any]:
         return {"class_names": list(self.class_names), "image_size": self.image_size,
                 "resize": self.resize, "top_k": self.k, "run_dir": str(self.run_dir.resolve()),
-                "backbone": self.config.model.backbone}
+                "backbone": self.config.model.backbone, **self.limits}
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The run's data limits, which the serving graphs and ``predict`` apply to each image."""
+        return {"max_pixels": int(self.config.data.max_pixels),
+                "min_image_side": int(self.config.data.min_image_side)}
 
 
 def require_tensorflow_backend() -> None:
@@ -328,7 +345,7 @@ def _diagnose(images):
     return tf.where(empty, tf.constant("empty input: no image bytes"), reason)
 
 
-def decode_batch(images, size: int, resize: str):
+def decode_batch(images, size: int, resize: str, refused=None):
     """Encoded images ``[n]`` -> uint8 ``[n, size, size, 3]`` and ``valid`` ``[n]``.
 
     Each item goes through :func:`jewelclf.data.images.load_image` (training's function) in a
@@ -338,7 +355,9 @@ def decode_batch(images, size: int, resize: str):
 
     Animated WebPs are filtered out from their header bytes before the decoder sees them:
     TensorFlow's decoder aborts the whole process (TF Serving included) on one, which no
-    ``ignore_errors`` can catch. (``load_image`` asserts the same before decoding.)
+    ``ignore_errors`` can catch. (``load_image`` asserts the same before decoding.) So are the
+    items where ``refused`` (bool ``[n]``) is true: those whose header claims a size outside the
+    run's limits (:func:`jewelclf.data.images.size_refusals`), which are never decoded.
     """
     import tensorflow as tf
 
@@ -346,9 +365,12 @@ def decode_batch(images, size: int, resize: str):
 
     n = tf.shape(images)[0]
     index = tf.range(n, dtype=tf.int32)
-    ds = tf.data.Dataset.from_tensor_slices((index, images, animated_webp_mask(images)))
-    ds = ds.filter(lambda i, b, animated: tf.logical_not(animated))
-    ds = ds.map(lambda i, b, animated: (i, load_image(b, size, resize)),
+    blocked = animated_webp_mask(images)
+    if refused is not None:
+        blocked = tf.logical_or(blocked, refused)
+    ds = tf.data.Dataset.from_tensor_slices((index, images, blocked))
+    ds = ds.filter(lambda i, b, skip: tf.logical_not(skip))
+    ds = ds.map(lambda i, b, skip: (i, load_image(b, size, resize)),
                 num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
     ds = ds.ignore_errors()
     # One sentinel element keeps the batch non-empty when every item fails.
@@ -399,14 +421,20 @@ def build_archive(run: RunModel):
     import keras
     import tensorflow as tf
 
+    from jewelclf.data.images import animated_webp_mask, size_refusals
+
     model, size, resize, k = run.model, run.image_size, run.resize, run.k
     names = list(run.class_names)
     embedder = run.embedder()  # shares model's layers and variables: nothing more to track
     embed_dim = int(embedder.output.shape[-1])
 
     def decode(images):
-        pixels, valid = decode_batch(images, size, resize)
-        return pixels, valid, tf.where(valid, tf.constant(""), _diagnose(images))
+        # The header's size first: a 875 KB PNG can claim 15000x15000 (900 MB decoded).
+        refused, size_reason = size_refusals(images, run.limits["max_pixels"], run.limits["min_image_side"])
+        pixels, valid = decode_batch(images, size, resize, refused)
+        by_size = tf.logical_and(refused, tf.logical_not(animated_webp_mask(images)))  # that reason first
+        return pixels, valid, tf.where(valid, tf.constant(""),
+                                       tf.where(by_size, size_reason, _diagnose(images)))
 
     def network(fn):
         return lambda pixels: fn(tf.cast(pixels, tf.float32), training=False)
@@ -481,7 +509,7 @@ def write_savedmodel(run: RunModel, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Parity, checked in a fresh process that knows nothing of jewelclf
 
-PARITY_SCRIPT = textwrap.dedent(r'''
+PARITY_SCRIPT = WATCH_PARENT + textwrap.dedent(r'''
     import json, os, sys
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
@@ -548,6 +576,7 @@ def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: P
 
     from jewelclf.data.images import decode_rgb
 
+    work = Path(work).resolve()  # the child runs in it: a relative path would not be found
     arrays = {"n": np.array(len(images))}
     for i, im in enumerate(images):
         arrays[f"encoded_{i}"] = np.frombuffer(im.data, np.uint8)
@@ -556,6 +585,7 @@ def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: P
     np.savez(npz, **arrays)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env[PARENT_ENV] = str(os.getpid())  # the child kills itself when this process dies
     request = json.dumps({"saved_model": str(saved_model), "arrays": str(npz)})
     try:
         proc = subprocess.run([sys.executable, "-c", PARITY_SCRIPT], input=request, text=True, check=False,
@@ -762,33 +792,11 @@ def list_versions(base: Path) -> list[int]:
     return sorted(out)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def cleanup_stale_temp(base: Path, log: Log = print) -> list[str]:
-    """Delete temp folders left by exports whose process is gone (killed, crashed)."""
-    removed = []
-    if not Path(base).is_dir():
-        return removed
-    for p in Path(base).iterdir():
-        if not (p.is_dir() and p.name.startswith(TMP_PREFIX)):
-            continue
-        try:
-            pid = int(p.name[len(TMP_PREFIX):].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-            log(f"removed '{p}', left by an export that did not finish")
-    return removed
+def cleanup_stale_temp(base: Path, log: Log = print, now: float | None = None,
+                       keep: Path | None = None) -> list[str]:
+    """Delete temp folders left by exports that are gone (killed, crashed, on any host): their
+    lock is free and their heartbeat old (:func:`jewelclf.staging.cleanup_stale`)."""
+    return cleanup_stale(base, log, now, keep)
 
 
 def models_config_text(name: str) -> str:
@@ -882,15 +890,16 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
                             f"--version {max(existing + [version]) + 1} or omit --version for the next one")
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
     base.mkdir(parents=True, exist_ok=True)
-    cleanup_stale_temp(base, log)
-    tmp = base / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging = Staging(base)  # locked and kept fresh: no cleanup on any host removes it
+    tmp = staging.model
+    cleanup_stale_temp(base, log, now=staging.now(), keep=staging.path)
     t0 = time.perf_counter()
     try:
-        log(f"writing SavedModel version {version} of '{run_dir}' (in {tmp.name}, renamed when checked)")
+        log(f"writing SavedModel version {version} of '{run_dir}' (in {staging.path.name}, "
+            f"renamed when checked)")
         write_savedmodel(run, tmp)
         log(f"parity check in a fresh Python process on {len(images)} images...")
-        with tempfile.TemporaryDirectory(prefix="jewelclf-parity-") as work:
-            child = run_in_fresh_process(tmp.resolve(), images, Path(work))
+        child = run_in_fresh_process(tmp.resolve(), images, staging.parity)
         parity = compare_parity(run, images, child)
         contract = check_signature_contract(child["signatures"], len(run.class_names), run.k, embed_dim)
         if contract:
@@ -918,11 +927,8 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
                 f"export parity check failed ({'; '.join(parity['problems'])}); no version was "
                 f"written; see {base / FAILED_REPORT}")
         _write_json(tmp / REPORT, report)
-        if final.exists():
-            raise JewelclfError(f"'{final}' appeared while exporting (another export?); run again")
-        os.rename(tmp, final)
+        rename_noreplace(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not rd.is_disk_full(e):
             raise
         # TensorFlow says ResourceExhaustedError "...; No space left on device [Op:SaveV2]", in
@@ -933,6 +939,8 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
             f"no space left on device while writing SavedModel version {version} into '{base}' "
             f"({rd.free_space(base)} free on that disk); the half-written copy was removed and "
             f"{kept}; free disk space, then run the command again") from None
+    finally:
+        staging.close()  # what is left: the lock, the parity scratch, a failed copy
     (base / FAILED_REPORT).unlink(missing_ok=True)
     log(f"wrote {final} (SavedModel, signatures {SERVING_DEFAULT}, {SERVING_PIXELS} and {SERVING_EMBED})")
     _write_if_absent(base / MODELS_CONFIG, models_config_text(base.resolve().name), log)

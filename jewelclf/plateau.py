@@ -7,11 +7,15 @@ per step neither ever acted. :class:`StagePlateau` keeps one count for the stage
 epochs in a row without a lower val_loss stop stage 2, whichever steps they fall in, and a
 learning rate once lowered stays lowered in the next step. Its state follows from the
 sequence of val_loss values alone, so a resumed run rebuilds it from ``history.csv``.
+
+Stage 1 is one ``fit``, with Keras' ``EarlyStopping``; :class:`ResumedEarlyStopping` gives it
+the same memory across a resume.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import keras
@@ -80,3 +84,30 @@ class StagePlateau(keras.callbacks.Callback):
         (0: the weights stage 2 started from, when no epoch of stage 2 was better)."""
         return {"best_val_loss": self.best, "val_accuracy": self.best_accuracy,
                 "restored_epoch": self.best_epoch, "learning_rate": self.learning_rate}
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' ``EarlyStopping`` on val_loss, continuing from the epochs an earlier attempt trained.
+
+    Keras' own starts counting afresh at every ``fit``: a resumed stage 1 would forget how many
+    epochs in a row had not improved, and train more epochs than an uninterrupted run. Here
+    the ``earlier`` val_loss values (the phase's rows of ``history.csv``) go through Keras' own
+    end-of-epoch logic first, so the best value, the count and a stop carry over.
+    """
+
+    def __init__(self, earlier: list[float], patience: int):
+        super().__init__("val_loss", patience=patience, mode="min")
+        self.earlier = list(earlier)
+        self.set_model(types.SimpleNamespace(stop_training=False))
+        self._replay()
+        self.stopped_before: bool = self.model.stop_training
+        """Whether the earlier epochs had already stopped the phase (then train no more)."""
+
+    def _replay(self) -> None:
+        super().on_train_begin()
+        for epoch, value in enumerate(self.earlier):
+            super().on_epoch_end(epoch, {"val_loss": value})
+
+    def on_train_begin(self, logs=None):
+        self._replay()
+        self.model.stop_training = False  # a stop of the earlier epochs is stopped_before's

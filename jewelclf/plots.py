@@ -160,3 +160,71 @@ def confusion_matrix(cm: np.ndarray, class_names: list[str], out: Path, title: s
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
     return _save(fig, out)
+
+
+def reliability_diagram(metrics: dict, out: Path, title: str = "") -> Figure:
+    """Accuracy against confidence per confidence bin, calibrated (bars) and uncalibrated
+    (markers), with the diagonal of perfect calibration and each ECE in the legend; below it,
+    how many images fall in each bin.
+
+    ``metrics`` holds ``reliability`` (``calibrated`` and ``uncalibrated`` bins), ``ece``,
+    ``ece_uncalibrated`` and ``calibration.temperature``, as ``metrics.json`` does.
+    """
+    after, before = metrics["reliability"]["calibrated"], metrics["reliability"]["uncalibrated"]
+    lower = np.array([b["lower"] for b in after])
+    width = np.array([b["upper"] - b["lower"] for b in after])
+    mid = lower + width / 2
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 6.6), sharex=True,
+                                   gridspec_kw={"height_ratios": (3, 1)})
+    acc = [b["accuracy"] if b["count"] else 0.0 for b in after]
+    ax.bar(lower, acc, width=width, align="edge", color="C0", alpha=0.75, edgecolor="white",
+           label=f"calibrated (T={metrics['calibration']['temperature']:.2f}): "
+                 f"ECE {metrics['ece']:.3f}")
+    shown = [(b["confidence"], b["accuracy"]) for b in before if b["count"]]
+    if shown:
+        ax.plot(*zip(*shown), "o--", color="C3", markersize=4, linewidth=1,
+                label=f"uncalibrated: ECE {metrics['ece_uncalibrated']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy in the bin")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.bar(mid - width / 4, [b["count"] for b in after], width=width / 2, color="C0",
+             label="calibrated")
+    hist.bar(mid + width / 4, [b["count"] for b in before], width=width / 2, color="C3", alpha=0.7,
+             label="uncalibrated")
+    hist.set_xlabel("confidence (top-class probability)")
+    hist.set_ylabel("images")
+    hist.legend(loc="upper left", fontsize=7)
+    hist.grid(alpha=0.3)
+    ax.set_title(f"{title}\nreliability ({len(after)} bins)" if title else
+                 f"reliability ({len(after)} bins)")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def coverage_accuracy(coverage: dict, out: Path, title: str = "") -> Figure:
+    """Accuracy of the images kept against the share kept (most confident first), from
+    ``metrics.json``'s ``coverage`` table, with the run's threshold marked and its target accuracy."""
+    curve = coverage["curve"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.plot([r["coverage"] for r in curve], [r["accuracy"] for r in curve], ".-", color="C0",
+            label="kept images, most confident first")
+    kept = coverage.get("at_threshold")
+    if coverage.get("target_accuracy") is not None:
+        ax.axhline(coverage["target_accuracy"], color="grey", linestyle=":", linewidth=1,
+                   label=f"target accuracy {coverage['target_accuracy']:g} (on val)")
+    if kept is not None and kept["accuracy"] is not None:
+        ax.plot([kept["coverage"]], [kept["accuracy"]], "o", color="tab:red",
+                label=f"threshold {kept['threshold']:.3f}: keeps {kept['coverage']:.0%}, "
+                      f"accuracy {kept['accuracy']:.3f}")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.set_title(f"{title}\ncoverage and accuracy" if title else "coverage and accuracy")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -9,26 +9,25 @@ exactly as its documentation describes::
     {"signature_name": "serving_default", "instances": [{"b64": "<base64 image bytes>"}, ...]}
 
 and the row-format answer ``{"predictions": [{"classes": [...], "scores": [...], ...}, ...]}``
-is printed as the same table. A file that cannot be read or decoded is reported on its own line;
-the other images are still predicted.
+is printed as the same table (:mod:`jewelclf.serving_client` checks every reply). A file that
+cannot be read or decoded is reported on its own line; the other images are still predicted.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import re
 import stat
-import urllib.error
+import sys
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
+from jewelclf.data.formats import recorded_limits
+from jewelclf.display import error_text, quote_name
 from jewelclf.errors import JewelclfError
 
 DEFAULT_BATCH = 32
@@ -54,32 +53,23 @@ class Prediction:
 # Inputs
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".") and name not in ("Thumbs.db", "desktop.ini", "__MACOSX")
-
-
 def collect_images(paths: Iterable[str]) -> list[Path]:
-    """Files as given, and every visible file under folders (sorted), in argument order."""
-    out: list[Path] = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if _visible(d))
-                out.extend(Path(dirpath) / f for f in sorted(filenames) if _visible(f))
-        elif path.exists():
-            out.append(path)
-        else:
-            raise JewelclfError(f"image path '{p}' does not exist; pass image files or folders of images")
-    if not out:
-        raise JewelclfError(f"no image files found in {', '.join(map(str, paths))}")
-    return out
+    """Files as given, and every visible file under folders (sorted), in argument order: the
+    one walker of :func:`jewelclf.data.sources.collect_files`, whose loop guard ends on
+    symlink loops."""
+    from jewelclf.data.sources import collect_files
+
+    return collect_files(paths)
 
 
-def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
-    """The file's bytes, or ``None`` and a one-line reason when it is no supported image."""
+def read_image_file(path: Path, limits: tuple[int, int] | None = None) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or ``None`` and a one-line reason when it is no supported image or its
+    header claims a size outside ``limits`` (``(max_pixels, min_image_side)``; default: the
+    default configuration's), so that it is never decoded."""
     from jewelclf.data.formats import (
         ANIMATED_WEBP_REASON,
+        default_limits,
+        header_problem,
         is_animated_webp,
         sniff_format,
         unsupported_reason,
@@ -100,15 +90,10 @@ def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
         return None, unsupported_reason(data)
     if is_animated_webp(data):  # TensorFlow (and a TF Serving server) would abort on it
         return None, ANIMATED_WEBP_REASON
+    problem = header_problem(data, *(limits or default_limits()))
+    if problem:
+        return None, problem
     return data, None
-
-
-def _first_line(e: BaseException) -> str:
-    text = getattr(e, "message", None) or str(e) or type(e).__name__
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)  # TF's "{{function_node ...}}" prefix
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", line)[:200]
 
 
 def _decode_failure(data: bytes, e: BaseException) -> str:
@@ -117,7 +102,10 @@ def _decode_failure(data: bytes, e: BaseException) -> str:
     if isinstance(e, AnimatedWebPError):
         return str(e)
     fmt = sniff_format(data[:16]) or "image"
-    return f"corrupt or truncated {fmt} image: it could not be decoded ({_first_line(e)})"
+    message = error_text(e)
+    if "too large" in message.lower():  # TF's decoders refuse 2**29 px and more ("PNG size too large")
+        return f"too large: TensorFlow cannot decode a {fmt} image this big ({message})"
+    return f"corrupt or truncated {fmt} image: it could not be decoded ({message})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +117,7 @@ class Predictor:
 
     k: int = 3
     class_names: list[str] | None = None
+    limits: tuple[int, int] | None = None  # (max_pixels, min_image_side) the export records
     description: str = ""
 
     def _predict_batch(self, encoded: list[bytes], top_k: int) -> list[tuple[list[tuple[str, float]] | None, str | None]]:
@@ -187,7 +176,7 @@ class SavedModelPredictor(Predictor):
         try:
             loaded = tf.saved_model.load(str(path))
         except Exception as e:
-            raise JewelclfError(f"cannot load the SavedModel in '{path}' ({_first_line(e)})") from None
+            raise JewelclfError(f"cannot load the SavedModel in '{path}' ({error_text(e)})") from None
         if "serving_default" not in loaded.signatures:
             raise JewelclfError(f"the SavedModel in '{path}' has no serving_default signature")
         self._loaded = loaded  # keep the object alive with its signature
@@ -199,7 +188,9 @@ class SavedModelPredictor(Predictor):
         self.k = int(self.fn.structured_outputs["classes"].shape[-1] or 1)
         info = path / "assets.extra" / "jewelclf.json"
         if info.is_file():
-            self.class_names = json.loads(info.read_text(encoding="utf-8")).get("class_names")
+            meta = json.loads(info.read_text(encoding="utf-8"))
+            self.class_names = meta.get("class_names")
+            self.limits = recorded_limits(meta)
         self.description = f"SavedModel {path}"
 
     def _predict_batch(self, encoded, top_k):
@@ -210,7 +201,7 @@ class SavedModelPredictor(Predictor):
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
             if len(encoded) == 1:
                 raise BatchError(_decode_failure(encoded[0], e)) from None
-            raise BatchError(_first_line(e)) from None
+            raise BatchError(error_text(e)) from None
         return _rows_from_outputs({k: v.numpy() for k, v in out.items()}, top_k, self.class_names)
 
 
@@ -245,17 +236,22 @@ class PixelModelPredictor(Predictor):
 
 
 class KerasPredictor(PixelModelPredictor):
-    def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int):
+    """A ``.keras`` model; its probabilities are calibrated with the run's ``temperature``."""
+
+    def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int,
+                 temperature: float = 1.0):
         from jewelclf.rundir import load_model_file
 
         super().__init__(image_size, resize, class_names, k)
         self.model = load_model_file(path, len(class_names))
+        self.temperature = temperature
         self.description = f"Keras model {path}"
 
     def _probabilities(self, pixels):
+        from jewelclf.calibration import scale
         from jewelclf.export import keras_probabilities
 
-        return keras_probabilities(self.model, pixels)
+        return scale(keras_probabilities(self.model, pixels), self.temperature)
 
 
 class TFLitePredictor(PixelModelPredictor):
@@ -267,7 +263,7 @@ class TFLitePredictor(PixelModelPredictor):
             self.interpreter = tflite_interpreter(path)
             self.interpreter.allocate_tensors()
         except Exception as e:
-            raise JewelclfError(f"cannot load '{path}' as TFLite ({_first_line(e)})") from None
+            raise JewelclfError(f"cannot load '{path}' as TFLite ({error_text(e)})") from None
         self.description = f"TFLite model {path}"
 
     def _probabilities(self, pixels):
@@ -280,7 +276,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise JewelclfError(f"'{path}' cannot be read as JSON ({_first_line(e)}); export the "
+        raise JewelclfError(f"'{path}' cannot be read as JSON ({error_text(e)}); export the "
                             f"model again, or point at the run dir") from None
 
 
@@ -309,8 +305,15 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
             size = config_image_size(config)
         except JewelclfError:
             size = None
+        from jewelclf import calibration
+        from jewelclf.rundir import CALIBRATION
+
+        fitted = calibration.read(folder / CALIBRATION)
         return {"class_names": names, "image_size": size, "resize": config.data.resize,
-                "top_k": min(config.train.top_k, len(names))}
+                "top_k": min(config.train.top_k, len(names)),
+                "max_pixels": config.data.max_pixels, "min_image_side": config.data.min_image_side,
+                "temperature": fitted.temperature if fitted else 1.0,
+                "calibration_note": "" if fitted else calibration.MISSING_NOTE.format(run=folder)}
     raise JewelclfError(f"no {INFO} (from jewelclf export) or run files (config.yaml, "
                         f"class_names.json) beside the model in '{folder}'; export it with "
                         f"jewelclf export, or point at the run dir")
@@ -347,13 +350,18 @@ def load_predictor(model: str | Path) -> Predictor:
     names = [str(c) for c in info["class_names"]]
     k = int(info.get("top_k") or min(3, len(names)))
     if suffix == ".keras":
-        pred = KerasPredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names, k)
+        pred = KerasPredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names,
+                              k, temperature=float(info.get("temperature") or 1.0))
+        if info.get("calibration_note"):  # after the load: a broken model stays one line
+            print(info["calibration_note"], file=sys.stderr)
         if not pred.image_size:
             pred.image_size = int(pred.model.input_shape[1])
+        pred.limits = recorded_limits(info)
         return pred
     pred = TFLitePredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names, k)
     if not pred.image_size:
         pred.image_size = int(pred.interpreter.get_input_details()[0]["shape"][1])
+    pred.limits = recorded_limits(info)
     return pred
 
 
@@ -376,64 +384,6 @@ def predict_request_body(encoded: list[bytes], signature: str = "serving_default
     binary value as ``{"b64": <standard base64>}``."""
     return {"signature_name": signature,
             "instances": [{"b64": base64.b64encode(b).decode("ascii")} for b in encoded]}
-
-
-class ServerPredictor(Predictor):
-    """TensorFlow Serving over REST; the model must be a jewelclf SavedModel export."""
-
-    def __init__(self, server: str, model: str, version: int | None = None,
-                 signature: str = "serving_default", timeout: float = 60.0,
-                 opener: Callable | None = None):
-        self.url = predict_url(server, model, version)
-        self.signature = signature
-        self.timeout = timeout
-        self._open = opener or urllib.request.urlopen
-        self.k = 0
-        self.description = f"TF Serving {self.url}"
-
-    def post(self, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(self.url, data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with self._open(request, timeout=self.timeout) as response:
-                return json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            try:
-                message = json.loads(e.read().decode("utf-8")).get("error", "")
-            except (ValueError, OSError, AttributeError):
-                message = ""
-            message = message or f"HTTP {e.code} {e.reason}"
-            if e.code == 400:
-                raise BatchError(message.strip().splitlines()[0][:300]) from None
-            raise JewelclfError(f"TF Serving at {self.url} answered HTTP {e.code}: "
-                                f"{message.strip().splitlines()[0][:300] if message.strip() else ''}; "
-                                f"check --model and --version") from None
-        except urllib.error.URLError as e:
-            raise JewelclfError(f"cannot reach TF Serving at {self.url} ({e.reason}); is the server "
-                                f"running and is --server right?") from None
-        except (TimeoutError, ConnectionError) as e:
-            raise JewelclfError(f"TF Serving at {self.url} did not answer ({type(e).__name__}); "
-                                f"try again or raise --timeout") from None
-        except ValueError:
-            raise JewelclfError(f"TF Serving at {self.url} answered with something that is not JSON") from None
-
-    def _predict_batch(self, encoded, top_k):
-        answer = self.post(predict_request_body(encoded, self.signature))
-        rows = answer.get("predictions")
-        if not isinstance(rows, list) or len(rows) != len(encoded) or not all(isinstance(r, dict) for r in rows):
-            raise JewelclfError(f"TF Serving at {self.url} answered without one 'predictions' object "
-                                f"per image; is the model a jewelclf export? (got keys: "
-                                f"{', '.join(answer) if isinstance(answer, dict) else type(answer).__name__})")
-        if not all("classes" in r and "scores" in r for r in rows):
-            raise JewelclfError(f"the model at {self.url} returns no 'classes' and 'scores'; is it a "
-                                f"jewelclf export?")
-        self.k = len(rows[0]["classes"])
-        columns = {key: [r.get(key) for r in rows] for key in ("classes", "scores", "valid", "error")}
-        if any(v is None for v in columns["valid"]):
-            columns.pop("valid")
-            columns.pop("error")
-        return _rows_from_outputs(columns, top_k, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +410,7 @@ def predict_files(predictor: Predictor, files: list[Path], top_k: int | None = N
 
     with progress:
         for path in files:
-            data, reason = read_image_file(path)
+            data, reason = read_image_file(path, predictor.limits)
             results.append(Prediction(str(path), error=reason))
             if data is None:
                 progress.update()
@@ -478,12 +428,13 @@ def format_table(results: list[Prediction]) -> str:
     ok = [r for r in results if r.error is None]
     if not ok:
         return ""
-    width = min(60, max(len("image"), *(len(r.image) for r in ok)))
+    names = [quote_name(r.image) for r in ok]  # a newline in a file name must not forge a row
+    width = min(60, max(len("image"), *map(len, names)))
     cls_width = max(len("class"), *(len(r.top[0][0]) for r in ok))
     k = max(len(r.top) for r in ok)
     lines = [f"{'image':<{width}}  {'class':<{cls_width}}  {'score':>6}" + (f"  top-{k}" if k > 1 else "")]
-    for r in ok:
-        image = r.image if len(r.image) <= width else "..." + r.image[-(width - 3):]
+    for r, name in zip(ok, names):
+        image = name if len(name) <= width else "..." + name[-(width - 3):]
         line = f"{image:<{width}}  {r.top[0][0]:<{cls_width}}  {r.top[0][1]:6.4f}"
         if k > 1:
             line += "  " + ", ".join(f"{c} {s:.3f}" for c, s in r.top)
@@ -500,6 +451,8 @@ def run_predict(model: str | None, images: list[str], top_k: int | None = None,
         if not server_model:
             raise JewelclfError("--server needs --model NAME, the model name TF Serving serves")
         paths = ([model] if model else []) + list(images)
+        from jewelclf.serving_client import ServerPredictor
+
         predictor: Predictor = ServerPredictor(server, server_model, version, timeout=timeout)
     else:
         if server_model or version is not None:

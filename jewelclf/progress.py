@@ -13,6 +13,15 @@ unfreezing step). Two Keras mechanisms make a killed run resumable, at any point
 Stage 1's frozen-backbone features are kept in ``resume/features.npz``, so a resume does not
 pay for that pass again. The whole ``resume/`` folder is removed when the run finishes.
 
+The SHA-256 of every image the run trains on (taken by the data check from the bytes it reads)
+is kept in ``resume/content.json``: a resume refuses images whose contents changed
+(:func:`changed_content`), since the epochs already trained, and the cached features, are of
+the old contents.
+
+Keras saves no random state with the weights, so both saves above also keep the states of the
+model's seed generators (its dropout and augmentation layers, :func:`seed_states`): a resumed
+run draws the dropout masks and augmentations that the uninterrupted run would have drawn.
+
 Every file here is replaced atomically (a temp file, then a rename), Keras' per-epoch backup
 included (:class:`AtomicBackupAndRestore`): a full disk or a kill in the middle of a save leaves
 the previous file whole. :class:`AtomicModelCheckpoint` does the same for best-weights files.
@@ -36,6 +45,7 @@ from jewelclf import rundir as rd
 RESUME_DIR = "resume"
 STATE = "state.json"
 FEATURES = "features.npz"
+CONTENT = "content.json"
 
 
 def _link_over(src: str, dst: str) -> None:
@@ -81,7 +91,23 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     ``double_checkpoint`` the previous pair becomes the ``.bkp`` pair by hard links (no copy).
     A full disk raises :class:`jewelclf.rundir.DiskFullError` and leaves the previous backup
     byte for byte. Restoring is Keras' own, ``.bkp`` fallback included.
+
+    Every ``fit`` starts at the epoch its own backup holds, and at epoch 0 without one (see
+    :func:`_forget_restored_epoch`).
     """
+
+    def on_train_begin(self, logs=None):
+        _forget_restored_epoch(self.model)
+        super().on_train_begin(logs)
+        try:  # the pair Keras restored (its .bkp fallback copies over this one)
+            meta = json.loads(Path(self._training_metadata_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        set_seed_states(self.model, meta.get("seeds") if isinstance(meta, dict) else None)
+
+    def on_train_end(self, logs=None):
+        _forget_restored_epoch(self.model)
+        super().on_train_end(logs)
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -94,7 +120,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             try:
                 self.model.save_weights(tmp, overwrite=True)
                 with open(meta_tmp, "w", encoding="utf-8") as f:
-                    f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+                    f.write(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                        "seeds": seed_states(self.model)}))
                     f.flush()
                     os.fsync(f.fileno())
                 if self.double_checkpoint:  # the pair being replaced becomes the .bkp pair
@@ -106,6 +133,43 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
         rd.atomic_save(Path(self._weights_path), save, _expected(self._weights_path, self.model))
         os.replace(meta_tmp, meta)
+
+
+def _seed_variables(model: keras.Model) -> list:
+    # Keras 3.15 names each SeedGenerator's state variable "seed_generator_state"; Layer.variables
+    # holds them (Layer.weights, and so save_weights, do not).
+    seen, out = set(), []
+    for v in model.variables:
+        if v.path.endswith("seed_generator_state") and id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def seed_states(model: keras.Model) -> list[list[int]]:
+    """The states of ``model``'s seed generators, in a fixed order (JSON-ready)."""
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in _seed_variables(model)]
+
+
+def set_seed_states(model: keras.Model, states: list | None) -> None:
+    """Put back :func:`seed_states` of the same model; ``None`` or another model's leave it."""
+    variables = _seed_variables(model)
+    if not isinstance(states, list) or len(states) != len(variables):
+        return
+    for v, state in zip(variables, states):
+        v.assign(np.asarray(state, dtype=keras.backend.standardize_dtype(v.dtype)))
+
+
+def _forget_restored_epoch(model: keras.Model) -> None:
+    """Clear the epoch a ``BackupAndRestore`` restored into ``model``.
+
+    Keras 3.15's ``BackupAndRestore`` tells ``fit`` where to start by setting the private
+    ``model._initial_epoch``, which ``fit`` prefers to its own ``initial_epoch`` and nobody
+    resets: the next ``fit`` of the same model (the next unfreezing step, whose backup is
+    empty) would start at that epoch too and train fewer epochs than asked.
+    """
+    if getattr(model, "_initial_epoch", None) is not None:
+        model._initial_epoch = None
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -182,6 +246,7 @@ class Progress:
         weights = self.dir / f"after_{phase}.weights.h5"
         rd.atomic_save(weights, model.save_weights, _expected(weights, model))
         self.state["done"][phase] = {**summary, "weights": weights.name}
+        self.state.setdefault("seeds", {})[phase] = seed_states(model)
         self._save()
         shutil.rmtree(self.dir / phase, ignore_errors=True)
         if previous and previous != phase:
@@ -196,6 +261,7 @@ class Progress:
             # The file also holds the optimizer of the phase that saved it; only weights matter.
             warnings.simplefilter("ignore")
             model.load_weights(self.dir / self.state["done"][phase]["weights"])
+        set_seed_states(model, self.state.get("seeds", {}).get(phase))
         return phase
 
     # --- values that must survive a restart ---------------------------------------------------
@@ -233,6 +299,23 @@ class Progress:
 
     def _save(self) -> None:
         rd.atomic_write_json(self.dir / STATE, self.state)
+
+
+def save_content(run_dir: Path, hashes: dict[str, str]) -> None:
+    """Record the content hashes (file key -> SHA-256) of a new run's images."""
+    rd.atomic_write_json(Path(run_dir) / RESUME_DIR / CONTENT, {"sha256": hashes})
+
+
+def changed_content(run_dir: Path, hashes: dict[str, str]) -> tuple[list[str] | None, Path]:
+    """The keys of the images whose hash differs from :func:`save_content`'s record (sorted;
+    ``None`` when there is no readable record: an older jewelclf started the run), and the
+    record's path."""
+    path = Path(run_dir) / RESUME_DIR / CONTENT
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["sha256"]
+        return sorted(k for k, sha in hashes.items() if recorded.get(k, sha) != sha), path
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, path
 
 
 def _opens_as_hdf5(path: Path) -> bool:

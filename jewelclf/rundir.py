@@ -29,6 +29,7 @@ BEST_CHECKPOINT = "checkpoints/best.weights.h5"
 MODEL = "model.keras"
 METRICS = "metrics.json"
 LEAKAGE = "leakage.json"
+CALIBRATION = "calibration.json"
 
 
 # --- disk full -------------------------------------------------------------------------------
@@ -406,23 +407,45 @@ def run_lock(run_dir: Path):
 
     The lock is an ``flock`` on ``.<name>.lock`` beside the run dir, so it survives the run dir
     being replaced, and the kernel releases it when the process dies: a killed run never leaves
-    a stale lock behind. A second process asking for the same run dir is refused at once.
+    a held lock behind. A second process asking for the same run dir is refused at once. The
+    file is removed when the command ends (see :func:`_lock_file`), so none pile up.
     """
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir.parent / f".{run_dir.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_file(lock_path, run_dir)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise JewelclfError(
-                f"run dir '{run_dir}' is in use by {holder}; wait for it to finish or choose "
-                f"another --run-dir"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
     finally:
+        # Unlinked while still locked: a process that opened the file meanwhile gets the flock
+        # only after this, and then sees that the path no longer names its file (_lock_file).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
         os.close(fd)  # closing releases the flock
+
+
+def _lock_file(lock_path: Path, run_dir: Path) -> int:
+    """An fd holding the flock on the file that ``lock_path`` names now. A holder removes the
+    file when it ends, so the file locked here may have been unlinked (or replaced) between
+    the open and the flock: then it guards nothing, and the open is tried again."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise JewelclfError(
+                f"run dir '{run_dir}' is in use by {holder}; wait for it to finish or choose "
+                f"another --run-dir"
+            ) from None
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        st = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+        os.close(fd)

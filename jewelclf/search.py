@@ -24,7 +24,8 @@ An index folder holds:
     Catalogue files that could not be read in the latest update, with the reason.
 
 An index is never written in place: a new version is written into a hidden folder beside it,
-then renamed over the old one.
+then swapped in; a process killed during the swap is finished by the next open or update, and
+everything read back is checked (:mod:`jewelclf.search_store`).
 """
 
 from __future__ import annotations
@@ -34,33 +35,29 @@ import hashlib
 import io
 import json
 import os
-import secrets
-import shutil
 import stat as stat_mod
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from jewelclf import rundir as rd
 from jewelclf import bars
+from jewelclf import rundir as rd
+from jewelclf import search_store as store
 from jewelclf.errors import JewelclfError
+from jewelclf.search_store import INDEX_FORMAT, MANIFEST, MANIFEST_FIELDS, META, VECTORS
 
 Log = Callable[[str], None]
 
-INDEX_FORMAT = 1
-META = "meta.json"
-MANIFEST = "manifest.csv"
-VECTORS = "vectors.npy"
 ANN_FILE = "index.usearch"
 IDS = "ids.npy"
 LABELS = "labels.npy"
 OFFSETS = "manifest_offsets.npy"
 REJECTED = "rejected_files.csv"
-MANIFEST_FIELDS = ("id", "key", "path", "label", "sku", "size", "mtime_ns", "sha256")
 
 METRIC = "cosine"
 LIBRARY = "usearch"
@@ -229,7 +226,11 @@ class SearchIndex:
     def items(self) -> list[Item]:
         """Every item (parses the whole manifest once)."""
         if self._items is None:
-            self._items = _read_manifest(self.root / MANIFEST)
+            items = _read_manifest(self.root)
+            if [it.id for it in items] != [int(i) for i in self.ids]:
+                raise store.damaged(self.root, MANIFEST, f"{len(items)} rows whose ids are not "
+                                                         f"those of the {len(self.ids)} in ids.npy")
+            self._items = items
         return self._items
 
     def item(self, row: int) -> Item:
@@ -243,7 +244,10 @@ class SearchIndex:
                 data = f.read(int(self.offsets[row + 1]) - start)
             else:
                 data = f.read()
-        return _item_from_row(next(csv.reader(io.StringIO(data.decode("utf-8"), newline=""))))
+        try:
+            return _item_from_row(data)
+        except ValueError as e:
+            raise store.damaged(self.root, MANIFEST, f"row {row}: {e}") from None
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         """Manifest rows of ANN keys (ids are ascending in manifest order, checked)."""
@@ -270,6 +274,9 @@ class SearchIndex:
         if queries.shape[1] != self.dim:
             raise JewelclfError(f"query vectors have {queries.shape[1]} dimensions but the index "
                                 f"'{self.root}' holds {self.dim}; embed them with the index's model")
+        if not np.isfinite(queries).all():
+            raise JewelclfError("query vectors hold NaN or infinite values; the model that made "
+                                "them is broken")
         k = max(0, int(k))
         out: list[list[Hit] | None] = [None] * len(queries)
         plain = [i for i in range(len(queries)) if labels is None or labels[i] is None]
@@ -279,7 +286,7 @@ class SearchIndex:
                 raise JewelclfError(f"index '{self.root}' has no HNSW graph (it is exact below "
                                     f"{self.meta['exact_threshold']} items)")
             found = (self._search_ann(queries[plain], k, expansion) if use_ann
-                     else exact_search(self.vectors, queries[plain], k))
+                     else self._exact(np.arange(len(self)), queries[plain], k))
             for i, hits in zip(plain, found):
                 out[i] = hits
         if labels is not None:
@@ -289,9 +296,22 @@ class SearchIndex:
                     continue
                 rows = (np.flatnonzero(np.asarray(self.label_codes) == codes[label])
                         if label in codes else np.zeros(0, np.int64))
-                hits = exact_search(np.asarray(self.vectors)[rows], queries[i:i + 1], k)[0] if len(rows) else []
+                hits = self._exact(rows, queries[i:i + 1], k)[0] if len(rows) else []
                 out[i] = [Hit(h.rank, int(rows[h.row]), h.similarity) for h in hits]
         return [o or [] for o in out]
+
+    def _exact(self, rows: np.ndarray, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Exact search over ``rows`` of the vectors (all of them: memory-mapped, not copied).
+
+        A damaged vector is found here rather than on open: a NaN or an infinity makes its
+        similarity non-finite, which costs nothing to see, while scanning a memory-mapped
+        matrix on every open would cost as much as a search."""
+        whole = len(rows) == len(self)
+        try:
+            return exact_search(self.vectors if whole else np.asarray(self.vectors)[rows], queries, k)
+        except NonFiniteRow as e:
+            raise store.damaged(self.root, VECTORS, f"row {int(rows[e.row])} holds NaN or "
+                                                   f"infinite values") from None
 
     def _search_ann(self, queries: np.ndarray, k: int, expansion: int | None) -> list[list[Hit]]:
         if k == 0 or len(self) == 0:
@@ -313,6 +333,9 @@ class SearchIndex:
             rows = self.rows_of(keys[q, :n].astype(np.uint64))
             # usearch's inner-product distance is 1 - dot; on unit vectors, dot is the cosine.
             sims = 1.0 - distances[q, :n].astype(np.float64)
+            if not np.isfinite(sims).all():
+                raise store.damaged(self.root, ANN_FILE, "its graph gives NaN or infinite "
+                                                         "distances")
             result.append([Hit(r + 1, int(row), float(s)) for r, (row, s) in enumerate(zip(rows, sims))])
         return result
 
@@ -325,11 +348,20 @@ def _dot(block: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return queries @ block.T
 
 
+class NonFiniteRow(ValueError):
+    """A row of the searched vectors holds a NaN or an infinity."""
+
+    def __init__(self, row: int):
+        super().__init__(f"row {row} holds NaN or infinite values")
+        self.row = row
+
+
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
                  chunk: int = 65_536) -> list[list[Hit]]:
     """Brute-force top-``k`` by dot product (cosine on unit vectors); ties go to the lower row.
 
-    Streams ``vectors`` in chunks, so a memory-mapped matrix is never copied whole.
+    Streams ``vectors`` in chunks, so a memory-mapped matrix is never copied whole. With finite
+    queries, a row holding a NaN or an infinity raises :class:`NonFiniteRow`.
     """
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     n = len(vectors)
@@ -341,6 +373,8 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
     for start in range(0, n, chunk):
         block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
         sims = _dot(block, queries)
+        if not np.isfinite(sims).all() and np.isfinite(queries).all():
+            raise NonFiniteRow(start + int(np.flatnonzero(~np.isfinite(sims).all(axis=0))[0]))
         rows = np.broadcast_to(np.arange(start, start + len(block)), sims.shape)
         sims = np.concatenate([best_sims, sims], axis=1)
         rows = np.concatenate([best_rows, rows], axis=1)
@@ -357,17 +391,32 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
     return result
 
 
-def _item_from_row(r: list[str]) -> Item:
+def _item_from_row(data: bytes) -> Item:
+    return _item(store.parse_row(data))
+
+
+def _item(r: list[str]) -> Item:
     return Item(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), r[7])
 
 
-def _read_manifest(path: Path) -> list[Item]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(header) != MANIFEST_FIELDS:
-            raise ValueError(f"unexpected header {header}")
-        return [_item_from_row(r) for r in reader]
+def _read_manifest(root: Path) -> list[Item]:
+    """Every row of ``root``'s manifest; a damaged one is a one-line error naming it."""
+    try:
+        data = (root / MANIFEST).read_bytes()
+        if not data.startswith(store.header_bytes()):
+            raise ValueError("not the header jewelclf writes")
+        if not data.endswith(b"\n"):
+            raise ValueError("its last row is cut short")
+        rows = csv.reader(io.StringIO(data[len(store.header_bytes()):].decode("utf-8"), newline=""))
+        items = []
+        for row, fields in enumerate(rows):
+            try:
+                items.append(_item(store.check_fields(fields)))
+            except ValueError as e:
+                raise ValueError(f"row {row}: {e}") from None
+        return items
+    except (OSError, ValueError) as e:
+        raise store.damaged(root, MANIFEST, str(e)[:120]) from None
 
 
 def _manifest_bytes(items: Iterable[Item]) -> tuple[bytes, np.ndarray]:
@@ -400,15 +449,20 @@ def is_index(path: Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def require_index(root: Path) -> None:
-    """A one-line error unless ``root`` is an index folder (cheap: no TensorFlow needed)."""
+def require_index(root: Path) -> list[str]:
+    """A one-line error unless ``root`` is an index folder (cheap: no TensorFlow needed).
+
+    An update killed half-way is finished first; the notes say so.
+    """
     root = Path(root)
+    notes = store.recover(root)
     if not root.is_dir():
         raise JewelclfError(f"index '{root}' does not exist; build it with jewelclf index RUN_DIR "
                             f"CATALOGUE --output {root}")
     if not is_index(root):
         raise JewelclfError(f"'{root}' holds no jewelclf index (no {META}); build one with "
                             f"jewelclf index RUN_DIR CATALOGUE --output {root}")
+    return notes
 
 
 def load_index(root: Path, view: bool = True) -> SearchIndex:
@@ -417,38 +471,35 @@ def load_index(root: Path, view: bool = True) -> SearchIndex:
     require_index(root)
     try:
         meta = json.loads((root / META).read_text(encoding="utf-8"))
-        if meta.get("format") != INDEX_FORMAT:
-            raise JewelclfError(f"index '{root}' has format {meta.get('format')}, this jewelclf "
-                                f"reads format {INDEX_FORMAT}; rebuild it with jewelclf index --rebuild")
+    except (OSError, ValueError) as e:
+        raise store.damaged(root, META, f"{type(e).__name__}: {str(e)[:100]}") from None
+    store.validate_meta(root, meta)
+    try:
         mode = "r" if view else None
         vectors = np.load(root / VECTORS, mmap_mode=mode)
         ids = np.load(root / IDS, mmap_mode=mode)
         label_codes = np.load(root / LABELS, mmap_mode=mode)
         offsets = np.load(root / OFFSETS, mmap_mode=mode)
         label_names = list(meta["labels"])
-        count = int(meta["count"])
-    except JewelclfError:
-        raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        count = meta["count"]
+    except (OSError, ValueError) as e:
         raise JewelclfError(f"index '{root}' is damaged ({type(e).__name__}: {str(e)[:120]}); "
-                            f"rebuild it with jewelclf index ... --rebuild") from None
-    if (vectors.shape != (count, meta["dim"]) or len(ids) != count or len(label_codes) != count
-            or len(offsets) != count):
-        raise JewelclfError(f"index '{root}' is inconsistent: {count} items but vectors "
-                            f"{vectors.shape}, {len(ids)} ids, {len(label_codes)} labels; rebuild "
-                            f"it with jewelclf index ... --rebuild")
+                            f"{store.rebuild_hint(root)}") from None
+    # A view's arrays are checked as a search reads them (SearchIndex._exact, item): scanning
+    # them here would cost as much as a search on every open. An update reads them all anyway.
+    store.check_arrays(root, meta, vectors, ids, label_codes, offsets, scan=not view)
+    store.check_manifest(root, ids, offsets)
     ann = None
     if meta["kind"] == "hnsw":
         from usearch.index import Index
 
         try:
             ann = Index.restore(str(root / ANN_FILE), view=view)
-        except Exception as e:
-            raise JewelclfError(f"cannot open '{root / ANN_FILE}' ({str(e)[:120]}); rebuild the "
-                                f"index with jewelclf index ... --rebuild") from None
-        if ann is None or len(ann) != count:
-            raise JewelclfError(f"index '{root}' is inconsistent: the HNSW graph and the manifest "
-                                f"disagree; rebuild it with jewelclf index ... --rebuild")
+        except Exception as e:  # noqa: BLE001  whatever the library raises: one line
+            raise store.damaged(root, ANN_FILE, str(e)[:120]) from None
+        if ann is None or len(ann) != count or ann.ndim != meta["dim"]:
+            raise store.damaged(root, ANN_FILE, f"its graph does not hold the {count} "
+                                                f"{meta['dim']}-d vectors of {META}")
         ann.expansion_search = int(meta["hnsw"]["expansion_search"])
     return SearchIndex(root, meta, vectors, ids, label_codes, label_names, offsets, ann)
 
@@ -477,37 +528,31 @@ def build_ann(vectors: np.ndarray, ids: np.ndarray, **params):
 
 def _write_index(output: Path, meta: dict[str, Any], items: list[Item], vectors: np.ndarray,
                  ann, rejected_rows: list[list[str]]) -> None:
-    """Write the whole index into a hidden folder beside ``output``, then rename it into place."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
+    """Write the whole index into a hidden folder beside ``output``, then swap it into place."""
+
+    def write_files(tmp: Path) -> None:
+        store.save_file(tmp / VECTORS, lambda f: np.save(
+            f, np.ascontiguousarray(vectors, dtype=np.float32)))
         manifest, offsets = _manifest_bytes(items)
-        (tmp / MANIFEST).write_bytes(manifest)
-        np.save(tmp / OFFSETS, offsets)
-        np.save(tmp / IDS, np.array([it.id for it in items], dtype=np.uint64))
+        store.save_file(tmp / MANIFEST, lambda f: f.write(manifest))
+        store.save_file(tmp / OFFSETS, lambda f: np.save(f, offsets))
+        store.save_file(tmp / IDS, lambda f: np.save(
+            f, np.array([it.id for it in items], dtype=np.uint64)))
         code = {name: i for i, name in enumerate(meta["labels"])}
-        np.save(tmp / LABELS, np.array([code[it.label] for it in items], dtype=np.int32))
+        store.save_file(tmp / LABELS, lambda f: np.save(
+            f, np.array([code[it.label] for it in items], dtype=np.int32)))
         if ann is not None:
             ann.save(str(tmp / ANN_FILE))
+            store.fsync_file(tmp / ANN_FILE)
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["path", "label", "reason"])
         w.writerows(rejected_rows)
-        (tmp / REJECTED).write_text(buf.getvalue(), encoding="utf-8")
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        store.save_file(tmp / REJECTED, lambda f: f.write(buf.getvalue().encode("utf-8")))
+        # Last: a hidden copy with a meta.json is complete, and recover() may swap it in.
+        store.save_file(tmp / META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+
+    store.swap_in(output, write_files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +589,8 @@ class BuildSummary:
 
 def _csv_skus(spec: str) -> dict[str, str]:
     """``path -> sku`` from a ``sku`` column of a CSV catalogue (``group`` is used otherwise)."""
+    from jewelclf.data.sources import manifest_path
+
     path = Path(spec)
     if not (path.is_file() and path.suffix.lower() == ".csv"):
         return {}
@@ -552,8 +599,10 @@ def _csv_skus(spec: str) -> dict[str, str]:
         fields = [c.strip() for c in (reader.fieldnames or [])]
         if "sku" not in fields:
             return {}
-        return {(row.get("path") or "").strip(): (row.get("sku") or "").strip()
-                for row in ({(k or "").strip(): v for k, v in r.items()} for r in reader)}
+        rows = [{(k or "").strip(): v for k, v in r.items()} for r in reader]
+    # keyed as load_source keys the records (./img//a.jpg is img/a.jpg); bad rows failed there
+    return {manifest_path(path.parent, (row.get("path") or "").strip())[1]: (row.get("sku") or "").strip()
+            for row in rows if (row.get("path") or "").strip()}
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -645,6 +694,8 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
     if batch_size is not None and batch_size < 1:
         raise JewelclfError(f"--batch-size must be at least 1, got {batch_size}")
 
+    for note in store.recover(output):
+        log(note)
     previous: SearchIndex | None = None
     if output.exists():
         if not output.is_dir():
@@ -735,6 +786,13 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
         log(f"embedding {len(new_records)} image(s) with '{ref.model_file}' ({layer}, {dim}-d)")
         new_vectors = embed_records(embedder, source, [r for r, *_ in new_records], data_cfg, size,
                                     batch_size or ref.batch_size, log)
+        bad = store.first_nonfinite_row(new_vectors)
+        if bad is not None:
+            count = int((~np.isfinite(new_vectors).all(axis=1)).sum())
+            raise JewelclfError(f"the model '{ref.model_file}' gives a NaN or infinite embedding "
+                                f"for '{new_records[bad][0].path}' ({count} of {len(new_records)} "
+                                f"images); its weights are broken: train it again, or index with "
+                                f"another run")
     else:  # nothing new: the model need not even be loaded
         size, dim = int(previous.meta["image_size"]), previous.dim
         new_vectors = np.zeros((0, dim), np.float32)
@@ -879,17 +937,19 @@ def embed_query_images(model, paths: Sequence[str], layer: str, size: int, resiz
 
     both = embedding_and_probabilities(model, layer)
     ok_paths, pixels, errors = [], [], []
+    read: dict[str, bytes] = {}
+
+    def keep(record, data, _check):
+        read[record.path] = data
+
     for p in paths:
         # The training data check first: it refuses folders, FIFOs, decode bombs and junk.
-        check = check_file(Record(str(p), str(p), ""), max_pixels, min_side)
+        # The bytes it checked are the bytes decoded: a file swapped after the check is not read.
+        check = check_file(Record(str(p), str(p), ""), max_pixels, min_side, on_bytes=keep)
         if not check.ok:
             errors.append({"query": str(p), "error": check.reason})
             continue
-        try:
-            data = Path(p).read_bytes()
-        except OSError as e:
-            errors.append({"query": str(p), "error": f"cannot be read ({e.strerror or e})"})
-            continue
+        data = read.pop(str(p))
         ok_paths.append(str(p))
         pixels.append(load_image(tf.constant(data), size, resize).numpy())
     vectors, probs = [], []
@@ -920,6 +980,12 @@ def similar(index_dir: Path, images: Sequence[str], k: int = 10, same_class: boo
     vectors, probs, ok_paths, errors = embed_query_images(
         model, images, meta["layer"], int(meta["image_size"]), meta["resize"],
         int(meta["max_pixels"]), int(meta["min_image_side"]))
+    finite = np.isfinite(vectors).all(axis=1) if len(ok_paths) else np.zeros(0, bool)
+    errors += [{"query": path, "error": "the model gives a NaN or infinite embedding for it"}
+               for path, ok in zip(ok_paths, finite) if not ok]
+    if not finite.all():  # a search would rank NaN similarities at random
+        vectors, probs = vectors[finite], probs[finite]
+        ok_paths = [p for p, ok in zip(ok_paths, finite) if ok]
     if not ok_paths:
         first = errors[0] if errors else {"query": "", "error": "no images given"}
         raise JewelclfError(f"no readable query image: '{first['query']}': {first['error']}")

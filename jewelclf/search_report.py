@@ -11,6 +11,7 @@ import html
 import io
 from pathlib import Path
 
+from jewelclf.errors import JewelclfError
 from jewelclf.search import SimilarReport
 
 THUMB_SIDE = 160
@@ -40,7 +41,7 @@ def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
             im.thumbnail((side, side))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=80)
-    except Exception:  # unreadable or vanished: the page shows a placeholder
+    except Exception:  # noqa: BLE001  unreadable or vanished: the page shows a placeholder
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -53,8 +54,8 @@ def _figure(path: str, caption: str, cls: str = "") -> str:
 
 
 def render_html(report: SimilarReport) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>jewelclf similar</title>"
-             f"<style>{_STYLE}</style></head><body>",
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>jewelclf similar</title>"
+              f"<style>{_STYLE}</style></head><body>"),
              f"<h1>Most similar items in {html.escape(report.index)} (k={report.k})</h1>"]
     for q in report.queries:
         title = html.escape(q.query)
@@ -77,9 +78,29 @@ def render_html(report: SimilarReport) -> str:
     return "".join(parts)
 
 
-def write_html(report: SimilarReport, path: Path) -> Path:
+def check_html_path(path: Path, index_dir: Path, overwrite: bool = False) -> Path:
+    """Refuse an ``--html`` path inside the index folder (even with ``overwrite``), a folder, or
+    an existing file without ``overwrite``. Links are followed, so no link leads into the index."""
+    path = Path(path)
+    index_root = Path(index_dir).resolve()
+    target = path.resolve()
+    if target == index_root or index_root in target.parents:
+        raise JewelclfError(f"--html '{path}' is inside the index folder '{index_dir}'; write the "
+                            f"page somewhere else, e.g. --html similar.html")
+    if path.is_dir():
+        raise JewelclfError(f"--html '{path}' is a folder; give a file path, e.g. "
+                            f"--html {path / 'similar.html'}")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise JewelclfError(f"--html '{path}' already exists; pass --overwrite to replace it, "
+                            f"or choose another file")
+    return path
+
+
+def write_html(report: SimilarReport, path: Path, overwrite: bool = False) -> Path:
+    """Write the page of ``report`` to ``path`` atomically, checked by :func:`check_html_path`
+    (again: the file may have appeared during the search)."""
     from jewelclf.rundir import atomic_write_text
 
-    path = Path(path)
+    path = check_html_path(path, Path(report.index), overwrite)
     atomic_write_text(path, render_html(report))
     return path

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,15 +46,18 @@ from jewelclf.config import Config
 from jewelclf.data.check import check_records, write_rejected
 from jewelclf.data.leakage import (carved_splits, check_split_leakage, leakage_hasher,
                                    write_leakage_report)
-from jewelclf.data.pipeline import batched, choose_cache, decoded_dataset, shuffled_dataset, tfds_bytes
+from jewelclf.data.pipeline import (batched, choose_cache, decoded_dataset, permuted, shuffled_dataset,
+                                    tfds_bytes)
 from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
 from jewelclf.errors import JewelclfError
-from jewelclf.evaluation import compute_metrics, format_report, prediction_rows, write_evaluation
+from jewelclf.evaluation import (calibrate_run, format_report, prediction_rows, score,
+                                 write_evaluation)
 from jewelclf.model import (HEAD, build_classifier, check_weights, feature_extractor, image_size,
                             unfreeze_top_blocks, without_augmentation)
-from jewelclf.plateau import StagePlateau
-from jewelclf.progress import AtomicModelCheckpoint, Progress, trim_history
+from jewelclf.plateau import ResumedEarlyStopping, StagePlateau
+from jewelclf.progress import (AtomicModelCheckpoint, Progress, changed_content, save_content,
+                               trim_history)
 from jewelclf.tensorboard_logs import tensorboard_callbacks
 
 Log = Callable[[str], None]
@@ -68,6 +71,8 @@ class PreparedData:
     val: list[Record]
     test: list[Record]
     rejected: int
+    hashes: dict[str, str] = field(default_factory=dict)
+    """The SHA-256 of each usable file's contents, by record key (from the data check's read)."""
 
 
 def prepare_data(data_spec: str, config: Config, run_dir: Path, log: Log = print) -> PreparedData:
@@ -79,6 +84,9 @@ def prepare_data(data_spec: str, config: Config, run_dir: Path, log: Log = print
     source = load_source(data_spec)
     for note in source.notes:
         log(f"note: {note}")
+    source.refuse_conflicts()  # one image under two labels: check's conflicting labels
+    if source.repeat_warning():
+        log(f"warning: {source.repeat_warning()}")
     records = assign_splits(source.records, config.train.seed, config.data.val_fraction,
                             config.data.test_fraction)
     t0 = time.perf_counter()
@@ -112,12 +120,14 @@ def prepare_data(data_spec: str, config: Config, run_dir: Path, log: Log = print
             f"least two class subfolders"
         )
     write_manifest(kept, run_dir / rd.SPLITS)
+    kept_keys = {r.key for r in kept}
+    hashes = {r.key: fp.sha256 for r, fp in fingerprints.items() if r.key in kept_keys}
     prepared = PreparedData(
         source, list(source.class_names),
         [r for r in kept if r.split == "train"],
         [r for r in kept if r.split == "val"],
         [r for r in kept if r.split == "test"],
-        n_rejected,
+        n_rejected, hashes,
     )
     if not prepared.val:
         raise JewelclfError(
@@ -195,6 +205,22 @@ class HistoryRecorder(keras.callbacks.Callback):
                 w.writeheader()
             w.writerow(row)
         self.rows.append({k: str(v) for k, v in row.items()})
+
+
+class EpochNumber(keras.callbacks.Callback):
+    """Set ``epoch`` to each epoch's number in ``history.csv`` as it begins.
+
+    The training data is permuted by that number (:func:`jewelclf.data.pipeline.permuted`), so
+    epoch N sees the same order whether or not the run was interrupted and resumed before it.
+    """
+
+    def __init__(self, epoch: tf.Variable | None, epoch_offset: int):
+        super().__init__()
+        self.epoch, self.epoch_offset = epoch, epoch_offset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.epoch is not None:
+            self.epoch.assign(self.epoch_offset + epoch + 1)
 
 
 def _loss(config: Config):
@@ -287,6 +313,19 @@ def stage1_uses_cached_features(config: Config) -> bool:
 
 
 STAGE1_BEST = "checkpoints/stage1_best.weights.h5"
+STAGE1_FEATURES = "checkpoints/stage1_features.npz"
+"""Stage 1's frozen-backbone features, kept by a finished run for ``jewelclf review``."""
+
+
+def keep_stage1_features(progress: Progress, run_dir: Path, data: PreparedData) -> None:
+    """Copy the stage-1 features out of ``resume/`` (removed when the run ends) into
+    :data:`STAGE1_FEATURES`, with the keys of their images; nothing when stage 1 had none."""
+    features = progress.load_features(len(data.train), len(data.val))
+    if features is None:
+        return
+    rd.atomic_save(run_dir / STAGE1_FEATURES, lambda tmp: np.savez(
+        tmp, train=features[0], val=features[1], train_keys=np.array([r.key for r in data.train]),
+        val_keys=np.array([r.key for r in data.val])))
 
 
 def _quietly_load(model: keras.Model, path: Path) -> None:
@@ -303,13 +342,14 @@ def _finite(value: float) -> float | None:
 def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_order,
                  labels: tuple[np.ndarray, np.ndarray], weights: dict | None, run_dir: Path,
                  log: Log, features: tuple[np.ndarray, np.ndarray] | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None, epoch: tf.Variable | None = None) -> dict[str, Any]:
     """Train the head with the backbone frozen, on cached features when augmentation is off.
 
     ``features`` are the frozen backbone's features of ``train_in_order`` and ``val_ds`` when
     they were computed before (see :attr:`Datasets.features`); otherwise they are computed here.
     With ``progress``, every epoch is backed up and an interrupted stage 1 resumes where it
-    stopped; the best weights (by val_loss) are restored at the end either way.
+    stopped; the best weights (by val_loss) are restored at the end either way. ``epoch``: the
+    variable the training data is permuted by (:class:`EpochNumber`).
     """
     cfg = config.train.stage1
     if cfg.epochs == 0:
@@ -322,11 +362,14 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
     best_so_far = recorder.best_val_loss
     best_path = run_dir / STAGE1_BEST
     best_path.parent.mkdir(parents=True, exist_ok=True)
+    early = ResumedEarlyStopping([float(r["val_loss"]) for r in recorder.rows if r.get("val_loss")],
+                                 cfg.patience)
     callbacks = [
+        EpochNumber(epoch, 0),
         recorder,
         AtomicModelCheckpoint(str(best_path), monitor="val_loss", save_best_only=True,
                               save_weights_only=True, initial_value_threshold=_finite(best_so_far)),
-        keras.callbacks.EarlyStopping("val_loss", patience=cfg.patience, baseline=_finite(best_so_far)),
+        early,
         *tensorboard_callbacks(config, model, run_dir, "stage1", 0, log),
     ]
     if progress is not None:
@@ -350,19 +393,20 @@ def train_stage1(model: keras.Model, config: Config, train_ds, val_ds, train_in_
         _compile(trainee, cfg.learning_rate, config)
         replicas = model.distribute_strategy.num_replicas_in_sync
         batch = global_batch_size(config, replicas)
-        feats = _shard_by_data(tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
-            len(x_train), seed=config.train.seed, reshuffle_each_iteration=True
-        ).batch(batch), replicas)
+        feats = _shard_by_data(permuted(tf.data.Dataset.from_tensor_slices((x_train, y_train)),
+                                        len(x_train), config.train.seed, epoch).batch(batch), replicas)
         val_feats = _shard_by_data(tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(batch),
                                    replicas)
-        trainee.fit(feats, validation_data=val_feats, epochs=cfg.epochs, class_weight=weights,
-                    callbacks=callbacks, verbose=_verbose(), shuffle=False)
+        if not early.stopped_before:
+            trainee.fit(feats, validation_data=val_feats, epochs=cfg.epochs, class_weight=weights,
+                        callbacks=callbacks, verbose=_verbose(), shuffle=False)
     else:
         t_features = 0.0
         trainee = model if (config.augment.enabled and config.augment.in_stage1) else without_augmentation(model)
         _compile(trainee, cfg.learning_rate, config)
-        trainee.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights,
-                    callbacks=callbacks, verbose=_verbose(), shuffle=False)
+        if not early.stopped_before:
+            trainee.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights,
+                        callbacks=callbacks, verbose=_verbose(), shuffle=False)
     if best_path.exists():
         _quietly_load(trainee, best_path)
     seconds = time.perf_counter() - t0
@@ -398,7 +442,7 @@ def _restored(row: dict[str, str] | None) -> dict[str, Any]:
 
 def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: dict | None,
                  run_dir: Path, epoch_offset: int, log: Log,
-                 progress: Progress | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None, epoch: tf.Variable | None = None) -> dict[str, Any]:
     """Progressive unfreezing of the backbone's top blocks, one more per step.
 
     Each step starts from the best weights so far (by val_loss), recompiles (a new optimizer
@@ -407,7 +451,8 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
     ``train.stage2.patience`` epochs in a row without a lower val_loss end stage 2, and so does
     a step that does not improve on the best. The best weights are restored at the end, and the
     summary gives the figures of that epoch. With ``progress``, finished steps are skipped and an
-    interrupted step resumes from its last epoch, optimizer state included.
+    interrupted step resumes from its last epoch, optimizer state included. ``epoch``: the
+    variable ``train_ds`` is permuted by (:class:`EpochNumber`).
     """
     cfg = config.train.stage2
     spec = get_backbone(config.model.backbone)
@@ -455,6 +500,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
         log(f"stage 2 step {step}: unfrozen {', '.join(unfrozen)} ({trainable:,} trainable weights)"
             + (f"; resuming after epoch {recorder.epochs_done}" if recorder.epochs_done else ""))
         callbacks = [
+            EpochNumber(epoch, epoch_offset + done),
             recorder,
             AtomicModelCheckpoint(
                 str(best_path), monitor="val_loss", save_best_only=True, save_weights_only=True,
@@ -465,8 +511,9 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
         ]
         if progress is not None:
             callbacks.append(progress.backup(phase))
-        model.fit(train_ds, validation_data=val_ds, epochs=n_epochs, class_weight=weights,
-                  verbose=_verbose(), shuffle=False, callbacks=callbacks)
+        if not plateau.stopped:  # else this step's epochs before a resume had stopped the stage
+            model.fit(train_ds, validation_data=val_ds, epochs=n_epochs, class_weight=weights,
+                      verbose=_verbose(), shuffle=False, callbacks=callbacks)
         done += recorder.epochs_done
         stopped = plateau.stopped or recorder.best_val_loss >= best_before
         if progress is not None:
@@ -512,6 +559,9 @@ class Datasets:
     features: tuple[np.ndarray, np.ndarray] | None = None
     """The pristine frozen backbone's pooled features of ``train_in_order`` and ``val``, when
     computed once beforehand and shared (tuning trials); ``None``: stage 1 computes its own."""
+    epoch: tf.Variable | None = None
+    """The number of the epoch being trained, which ``train`` (and stage 1's cached features)
+    are permuted by; :class:`EpochNumber` sets it."""
 
 
 def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log = print,
@@ -525,17 +575,18 @@ def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log 
     size = image_size(config)
     batch = global_batch_size(config, replicas)
     cache = choose_cache(config.data, len(data.train) + len(data.val), size)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     train_plain = decoded_dataset(data.source, data.train, config.data, size, cache, cache_dir, "train")
     val_plain = decoded_dataset(data.source, data.val, config.data, size, cache, cache_dir, "val")
     return Datasets(
         train=_shard_by_data(batched(shuffled_dataset(
             data.source, data.train, config.data, size, config.train.seed,
-            cached=train_plain if cache == "memory" else None), len(names), batch), replicas),
+            cached=train_plain if cache == "memory" else None, epoch=epoch), len(names), batch), replicas),
         train_in_order=_shard_by_data(batched(train_plain, len(names), batch), replicas),
         val=_shard_by_data(batched(val_plain, len(names), batch), replicas),
         labels=(one_hot(data.train, names), one_hot(data.val, names)),
         class_weights=class_weights(data.train, names, config.train.class_weight, log),
-        cache=cache,
+        cache=cache, epoch=epoch,
     )
 
 
@@ -555,9 +606,10 @@ def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path
             if phase is not None:
                 log(f"resuming: {phase} had finished; continuing from its weights")
         s1 = train_stage1(model, config, ds.train, ds.val, ds.train_in_order, ds.labels,
-                          ds.class_weights, work_dir, log, features=ds.features, progress=progress)
+                          ds.class_weights, work_dir, log, features=ds.features, progress=progress,
+                          epoch=ds.epoch)
         s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
-                          s1.get("epochs", 0), log, progress=progress)
+                          s1.get("epochs", 0), log, progress=progress, epoch=ds.epoch)
     augmented = stages_augmented(config, s1, s2)
     if config.augment.enabled and not any(augmented.values()):
         log("note: no augmentation ran: stage 1 trained on cached features and stage 2 trained "
@@ -913,6 +965,27 @@ def _failed_before_training(run_dir: Path, info: dict[str, Any], resume: bool):
         raise
 
 
+def _check_content(data: PreparedData, data_spec: str, run_dir: Path, resume: bool, log: Log) -> None:
+    """Record a new run's image hashes; on a resume, refuse images whose contents changed.
+
+    Refused rather than recomputed: the epochs already trained (and stage 1's cached features)
+    are of the old contents, so no uninterrupted run would train the model it would give.
+    """
+    if not resume:
+        save_content(run_dir, data.hashes)
+        return
+    changed, record = changed_content(run_dir, data.hashes)
+    if changed is None:
+        log(f"note: {record} is missing or unreadable (an older jewelclf started the run?), so "
+            f"--resume cannot tell whether the images changed")
+    elif changed:
+        more = f" and {len(changed) - 1} other file(s)" if len(changed) > 1 else ""
+        raise JewelclfError(
+            f"the contents of {changed[0]}{more} in '{data_spec}' changed since the run started "
+            f"(their SHA-256 differs from {record}); the epochs trained so far are of the old "
+            f"images: restore them, or start a new run (jewelclf fit DATA --run-dir NEW_DIR)")
+
+
 def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, resume: bool,
                 log: Log, dist: Distribution | None = None) -> dict[str, Any]:
     started = time.time()
@@ -951,6 +1024,9 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         raise JewelclfError(
             f"the data in '{data_spec}' changed since the run started (its split differs from "
             f"{run_dir / rd.SPLITS}); resume needs the same data: restore it, or start a new run")
+    if dist.mode != "multi_worker":  # which keeps no resume state
+        with _failed_before_training(run_dir, info, resume):
+            _check_content(data, data_spec, run_dir, resume, log)
     names = data.class_names
     rd.atomic_write_json(run_dir / rd.CLASS_NAMES, names)
     counts = Counter((r.split, r.label) for r in data.train + data.val + data.test)
@@ -970,6 +1046,8 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         if resume and progress is not None:
             trim_history(run_dir / rd.HISTORY, progress)
         stages = train_model(model, config, datasets, run_dir, log, progress=progress)
+        # On the restored best weights, before model.keras: a saved model has its calibration.
+        calibration = calibrate_run(model, data, config, run_dir, log)
         # Leave the backbone frozen in the saved model, so a reload trains the head by default.
         model.get_layer("backbone").trainable = False
         rd.atomic_save(run_dir / rd.MODEL, model.save)
@@ -981,13 +1059,13 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
 
         summary: dict[str, Any] = {**stages, "rejected_files": data.rejected,
                                    "num_train": len(data.train), "num_val": len(data.val),
-                                   "num_test": len(data.test)}
+                                   "num_test": len(data.test), "calibration": calibration.to_dict()}
         if data.test:
             from jewelclf.evaluation import predict_records
 
             # Every worker predicts (the prediction's collectives need all of them).
             y_true, probs = predict_records(model, data.source, data.test, names, config)
-            metrics = compute_metrics(y_true, probs, names, config.train.top_k)
+            metrics, probs = score(y_true, probs, names, config.train.top_k, calibration)
             metrics["data"] = f"{data_spec} (test split)"
             from jewelclf.plots import confusion_title
 
@@ -1001,6 +1079,8 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     info.update({"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  # with --resume: this attempt's time only
                  "wall_seconds": round(time.time() - started, 1), "summary": summary})
+    if progress is not None:
+        keep_stage1_features(progress, run_dir, data)
     rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
     if progress is not None:
         progress.clear()

@@ -109,6 +109,28 @@ def make_split_folder(root: Path, train: int = 10, test: int = 4, val: int = 0, 
     return root
 
 
+def tiny_tune_files(root: Path, space: dict, stage1: int = 2, stage2: int = 1,
+                    name: str = "tiny", extra: dict | None = None) -> tuple[Path, Path]:
+    """A fit config on a saved ``tiny_cnn`` backbone at 32 px, and a search-space file, for tune.
+
+    The saved weights make the backbone the same in every trial, so fast mode shares its features.
+    """
+    import yaml
+
+    weights = root / "tiny.weights.h5"
+    if not weights.exists():
+        tiny_cnn(input_shape=(32, 32, 3)).save_weights(weights)
+    config = {"model": {"backbone": "tiny_cnn", "weights": str(weights)},
+              "data": {"image_size": 32, "batch_size": 8},
+              "train": {"stage1": {"epochs": stage1, "learning_rate": 0.01}, "stage2": {"epochs": stage2}}}
+    config.update(extra or {})
+    config_path = root / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    space_path = root / f"{name}_space.yaml"
+    space_path.write_text(yaml.safe_dump(space))
+    return config_path, space_path
+
+
 def make_csv(root: Path, per_class: int = 10, groups: int | None = None) -> Path:
     """A CSV manifest ``root/manifest.csv`` over images in ``root/img``."""
     rows = []

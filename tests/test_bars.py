@@ -105,7 +105,7 @@ def test_stage1_feature_pass_and_predict_count_images(terminal, tmp_path):
     assert counted(terminal, "by batch") == (3, 3)
 
     class Fake:
-        k = 1
+        k, limits = 1, None  # the Predictor interface: top-k, and no recorded pixel limits
 
         def predict(self, encoded, k):
             return [([("ring", 1.0)], None) for _ in encoded]

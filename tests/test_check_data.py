@@ -98,7 +98,8 @@ def test_check_data_finds_each_kind_of_problem(messy):
     assert rep["problems"] == {
         "rejected": 1, "extension_mismatches": 1, "exact_duplicate_groups": 2,
         "near_duplicate_groups": 1, "groups_across_splits": 2, "groups_with_conflicting_labels": 0,
-        "too_small": 1, "exif_rotated": 1, "exact_groups_across_splits": 1, "empty_classes": 0}
+        "too_small": 1, "exif_rotated": 1, "exact_groups_across_splits": 1, "empty_classes": 0,
+        "repeated_rows": 0}
     assert rep["errors"] == {"exact_groups_across_splits": 1}
     assert set(rep["warnings"]) == {"rejected", "extension_mismatches", "exact_duplicate_groups",
                                     "near_duplicate_groups", "too_small", "exif_rotated"}

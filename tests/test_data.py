@@ -87,9 +87,11 @@ def test_csv_missing_columns(tmp_path, header, needle):
 
 def test_csv_duplicate_rows(tmp_path):
     p = tmp_path / "m.csv"
-    p.write_text("path,label\na.jpg,ring\nb.jpg,watch\na.jpg,ring\n")
-    with pytest.raises(JewelclfError, match="line 4: 'a.jpg' is listed again"):
-        load_source(str(p))
+    p.write_text("path,label\na.jpg,ring\nb.jpg,watch\na.jpg,ring\nb.jpg,watch,test\n")
+    src = load_source(str(p))  # a row repeated with its label is counted once, with a warning
+    assert [r.key for r in src.records] == ["a.jpg", "b.jpg"]
+    assert src.repeated == ["line 4 ('a.jpg') repeats line 2 ('a.jpg')",
+                            "line 5 ('b.jpg') repeats line 3 ('b.jpg')"]
 
 
 # ---------------------------------------------------------------- splits

@@ -24,6 +24,7 @@ from export_helpers import encode, exported_tiny, noisy
 from jewelclf import export as ex
 from jewelclf.cli import main
 from jewelclf.data.images import decode_rgb, load_image, resize_rgb
+from jewelclf.staging import Staging
 
 
 @pytest.fixture(scope="module")
@@ -209,11 +210,15 @@ def test_list_versions_and_stale_temp_cleanup(tmp_path):
     (tmp_path / "12").write_text("a file, not a version")
     assert ex.list_versions(tmp_path) == [3, 10]
     assert ex.list_versions(tmp_path / "missing") == []
-    live = tmp_path / f"{ex.TMP_PREFIX}{os.getpid()}-cd"
-    live.mkdir()
-    removed = ex.cleanup_stale_temp(tmp_path, log=lambda _: None)
-    assert removed == [f"{ex.TMP_PREFIX}999999-ab"]  # its process is gone; ours is kept
-    assert live.is_dir()
+    live = Staging(tmp_path)  # a live export's: locked (tests/test_export_storage.py has more)
+    try:
+        later = time.time() + 3600  # every folder's heartbeat is an hour old by then
+        assert ex.cleanup_stale_temp(tmp_path, log=lambda _: None) == []  # all fresh
+        removed = ex.cleanup_stale_temp(tmp_path, log=lambda _: None, now=later)
+        assert removed == [f"{ex.TMP_PREFIX}999999-ab"]  # unlocked and old; the live one is kept
+        assert live.path.is_dir()
+    finally:
+        live.close()
 
 
 def test_export_killed_midway_leaves_no_version(tiny_run, tmp_path):
@@ -227,7 +232,7 @@ def test_export_killed_midway_leaves_no_version(tiny_run, tmp_path):
         deadline = time.monotonic() + 120
         written = None
         while time.monotonic() < deadline and proc.poll() is None:
-            written = next(iter(base.glob(f"{ex.TMP_PREFIX}*/saved_model.pb")), None) if base.is_dir() else None
+            written = next(iter(base.glob(f"{ex.TMP_PREFIX}*/model/saved_model.pb")), None) if base.is_dir() else None
             if written is not None:
                 break
             time.sleep(0.02)
@@ -240,7 +245,7 @@ def test_export_killed_midway_leaves_no_version(tiny_run, tmp_path):
     assert ex.list_versions(base) == []
     leftovers = [p.name for p in base.iterdir()]
     assert leftovers and all(name.startswith(".") for name in leftovers), leftovers
-    assert ex.cleanup_stale_temp(base, log=lambda _: None) == leftovers
+    assert ex.cleanup_stale_temp(base, log=lambda _: None, now=time.time() + 3600) == leftovers
     assert list(base.iterdir()) == []
 
 
@@ -251,7 +256,7 @@ def test_failed_parity_raises_and_leaves_nothing(exported, tiny_run, tmp_path, m
     run = ex.load_run(tiny_run)
 
     def fake_child(saved_model, images, work, timeout=600):
-        assert saved_model.name.startswith(ex.TMP_PREFIX) and (saved_model / "saved_model.pb").is_file()
+        assert saved_model.parent.name.startswith(ex.TMP_PREFIX) and (saved_model / "saved_model.pb").is_file()
         probs = keras_reference(run, [im.data for im in images])
         order = np.argsort(-probs, axis=1)
         full = {"probabilities": probs, "classes": [[run.class_names[j] for j in row] for row in order],

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from test_fuzz_data import FILES, FUZZ, MAX_PIXELS, SCALE
 
 from jewelclf.data.check import check_bytes
+from jewelclf.data.formats import header_problem, recorded_limits
 from jewelclf.data.images import ANIMATED_WEBP_REASON, is_animated_webp, sniff_format
 from jewelclf.data.sources import Record
 
@@ -111,6 +112,7 @@ def server(tiny_run, tmp_path_factory):
     s.good = alone  # the good image's answer in a batch of its own
     class_names = json.loads((tiny_run / "class_names.json").read_text())
     s.class_names = set(class_names)
+    s.limits = recorded_limits(json.loads((exported / "1" / "assets.extra" / "jewelclf.json").read_text()))
     yield s
     s.close()
 
@@ -130,8 +132,12 @@ def assert_item(server, data: bytes, valid: bool, error: str, classes: list[str]
         assert not valid and error.startswith("not a supported image"), (data[:16], error)
     elif is_animated_webp(data):
         assert not valid and error == ANIMATED_WEBP_REASON
-    # What jewelclf's data check accepts (and so what training uses), the server must take.
-    if check_bytes(Record("/fuzz/x", "x", "ring"), data, MAX_PIXELS, 1).ok:
+    # A header whose size is outside the run's limits is refused, in the data check's words;
+    # what else jewelclf's data check accepts (and so what training uses), the server must take.
+    refused = None if is_animated_webp(data) else header_problem(data, *server.limits)
+    if refused:
+        assert not valid and error == refused, (data[:32], error)
+    elif check_bytes(Record("/fuzz/x", "x", "ring"), data, MAX_PIXELS, 1).ok:
         assert valid, (data[:16], error)
 
 

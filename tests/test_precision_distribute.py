@@ -201,18 +201,10 @@ def test_resume_refuses_a_multi_worker_run(tmp_path):
 
 def test_tune_fast_mode_under_mixed_precision(tmp_path):
     """The features shared by all trials come from a float16 backbone; trials train on them."""
-    from conftest import tiny_cnn
+    from conftest import tiny_tune_files
 
     data = make_split_folder(tmp_path / "data", train=8, test=0)
-    weights = tmp_path / "tiny.weights.h5"
-    tiny_cnn(input_shape=(32, 32, 3)).save_weights(weights)
-    conf = tmp_path / "c.yaml"
-    conf.write_text(yaml.safe_dump({
-        "model": {"backbone": "tiny_cnn", "weights": str(weights)},
-        "data": {"image_size": 32, "batch_size": 8},
-        "train": {"stage1": {"epochs": 2, "learning_rate": 0.01}, "stage2": {"epochs": 0}}}))
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"head_units": {"choice": [0, 16]}}))
+    conf, space = tiny_tune_files(tmp_path, {"head_units": {"choice": [0, 16]}}, stage2=0)
     run_dir = tmp_path / "search"
     result = run("tune", data, "--run-dir", run_dir, "--config", conf, "--space", space,
                  "--tuner", "random", "--max-trials", 1, "--precision", "mixed_float16",

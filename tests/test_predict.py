@@ -238,7 +238,9 @@ def test_server_client_retries_image_by_image_after_a_400(stub, images):
     files = [images / "a_ring.jpg", images / "d_notes.txt", images / "e_truncated.jpg",
              images / "sub" / "c_necklace.png"]
     bogus = images.parent / "bogus.bmp"
-    bogus.write_bytes(b"BM" + b"junk" * 10)  # passes the local magic check; the stub rejects it
+    # A 16x16 BMP info header, then junk: passes the local magic and size checks; the stub rejects it.
+    bogus.write_bytes(b"BM" + bytes(12) + (40).to_bytes(4, "little") + (16).to_bytes(4, "little") * 2
+                      + b"junk" * 10)
     r = CliRunner().invoke(main, ["predict", "--server", url, "--model", "jewellery",
                                   *map(str, files), str(bogus)])
     assert r.exit_code == 0, r.output

@@ -128,19 +128,9 @@ def test_a_log_that_cannot_be_written_stops_with_a_warning_not_the_training(tmp_
 
 
 def test_each_tune_trial_logs_both_stages_in_its_folder(data, tmp_path):
-    import yaml
+    from conftest import tiny_tune_files
 
-    from conftest import tiny_cnn
-
-    weights = tmp_path / "tiny.weights.h5"
-    tiny_cnn(input_shape=(32, 32, 3)).save_weights(weights)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"backbone": "tiny_cnn", "weights": str(weights)},
-        "data": {"image_size": 32, "batch_size": 8},
-        "train": {"stage1": {"epochs": 2, "learning_rate": 0.01}, "stage2": {"epochs": 1}}}))
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"dropout": {"choice": [0.1, 0.3]}}))
+    config, space = tiny_tune_files(tmp_path, {"dropout": {"choice": [0.1, 0.3]}})
     run_dir = tmp_path / "search"
     result = run("tune", data, "--run-dir", run_dir, "--config", config, "--space", space,
                  "--tuner", "random", "--max-trials", 2)

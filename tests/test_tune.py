@@ -20,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import make_split_folder, tiny_cnn
+from conftest import make_split_folder, tiny_tune_files
 from jewelclf.cli import main
 from jewelclf.config import from_dict, resolve
 from jewelclf.tuning import TwoStageHyperModel
@@ -51,28 +51,13 @@ def setup(tmp_path_factory):
     """Tiny data, a tiny_cnn weights file, and config / space files for the searches."""
     root = tmp_path_factory.mktemp("tune")
     data = make_split_folder(root / "data", train=10, test=3)
-    weights = root / "tiny.weights.h5"
-    tiny_cnn(input_shape=(32, 32, 3)).save_weights(weights)
-
-    def config(name: str, stage1: int = 3, stage2: int = 1) -> Path:
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "model": {"backbone": "tiny_cnn", "weights": str(weights)},
-            "data": {"image_size": 32, "batch_size": 8},
-            "augment": {"zoom": 0.0, "blur": 0.0},
-            "train": {"stage1": {"epochs": stage1, "learning_rate": 0.01}, "stage2": {"epochs": stage2}},
-        }))
-        return path
-
-    space = root / "head_only.yaml"
-    space.write_text(yaml.safe_dump(HEAD_ONLY))
-    stage2_space = root / "stage2.yaml"
-    stage2_space.write_text(yaml.safe_dump({"unfreeze_blocks": {"choice": [1]},
-                                            "head_units": {"choice": [0, 128]}}))
-    return {"root": root, "data": data, "config": config("tiny"), "space": space,
-            # Hyperband's budget is 2 + 1 epochs: 3 one-epoch (head-only) trials, then the best
-            # of them continues to epoch 3, which takes it through stage 2.
-            "hyperband": (config("hyperband", stage1=2, stage2=1), stage2_space)}
+    no_aug = {"augment": {"zoom": 0.0, "blur": 0.0}}
+    config, space = tiny_tune_files(root, HEAD_ONLY, stage1=3, extra=no_aug)
+    # Hyperband's budget is 2 + 1 epochs: 3 one-epoch (head-only) trials, then the best of them
+    # continues to epoch 3, which takes it through stage 2.
+    hyperband = tiny_tune_files(root, {"unfreeze_blocks": {"choice": [1]}, "head_units": {"choice": [0, 128]}},
+                                name="hyperband", extra=no_aug)
+    return {"root": root, "data": data, "config": config, "space": space, "hyperband": hyperband}
 
 
 _searches: dict[str, tuple[Path, str]] = {}

@@ -10,7 +10,6 @@ import csv
 import errno
 import io
 import os
-import re
 import stat
 import struct
 import warnings
@@ -22,10 +21,17 @@ import tensorflow as tf
 from PIL import Image
 
 from jewelclf import bars
-from jewelclf.data.formats import (ANIMATED_WEBP_REASON, is_animated_webp, sniff_format,
-                                   unsupported_reason)
+from jewelclf.data.formats import (  # noqa: F401  (DECODER_MAX_PIXELS: re-exported)
+    ANIMATED_WEBP_REASON,
+    DECODER_MAX_PIXELS,
+    is_animated_webp,
+    size_problem,
+    sniff_format,
+    unsupported_reason,
+)
 from jewelclf.data.images import decode_rgb
 from jewelclf.data.sources import Record
+from jewelclf.display import error_text
 
 # jewelclf applies its own pixel limit (data.max_pixels) with a clearer message than PIL's.
 Image.MAX_IMAGE_PIXELS = None
@@ -43,12 +49,6 @@ class FileCheck:
     format: str = ""
     width: int = 0
     height: int = 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = getattr(e, "message", None) or str(e) or type(e).__name__
-    text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)  # PIL names its buffer
-    return text.strip().splitlines()[-1][:200]
 
 
 def gif_frame_sizes(data: bytes) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
     except Exception as e:
-        return FileCheck(record, False, f"corrupt {fmt}: unreadable header ({_first_line(e)})", fmt)
+        return FileCheck(record, False, f"corrupt {fmt}: unreadable header ({error_text(e)})", fmt)
     if fmt == "WEBP" and is_animated_webp(data):
         # TensorFlow 2.21 corrupts its heap decoding animated WebP (the process aborts).
         return FileCheck(record, False, ANIMATED_WEBP_REASON, fmt, width, height)
@@ -108,17 +108,14 @@ def check_bytes(record: Record, data: bytes, max_pixels: int, min_side: int) -> 
                 return FileCheck(record, False, f"too large: an animated GIF of {len(frames)} frames, "
                                                 f"{total} px in all, is over data.max_pixels={max_pixels}; "
                                                 f"save its first frame as a still image", fmt, width, height)
-    if width * height > max_pixels:
-        return FileCheck(record, False, f"too large: {width}x{height} px is over data.max_pixels="
-                                        f"{max_pixels}; downscale it or raise the limit",
-                         fmt, width, height)
-    if min(width, height) < min_side:
-        return FileCheck(record, False, f"too small: {width}x{height} px, under "
-                                        f"data.min_image_side={min_side}", fmt, width, height)
+    problem = size_problem(width, height, max_pixels, min_side)
+    if problem:
+        return FileCheck(record, False, problem, fmt, width, height)
     try:
         decode_rgb(tf.constant(data))
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        return FileCheck(record, False, f"corrupt {fmt}: {_first_line(e)}", fmt, width, height)
+        return FileCheck(record, False, f"corrupt {fmt}: the image data is damaged or cut short "
+                                        f"({error_text(e)})", fmt, width, height)
     return FileCheck(replace(record, format=fmt), True, "", fmt, width, height)
 
 
@@ -148,7 +145,7 @@ def read_file_bytes(record: Record) -> tuple[bytes | None, FileCheck | None]:
     except OSError as e:
         if e.errno == errno.ELOOP:
             return fail("a symlink loop (the link points back to itself); fix or remove the link")
-        return fail(f"cannot be read: {_first_line(e)}")
+        return fail(f"cannot be read: {error_text(e)}")
     if stat.S_ISDIR(st.st_mode):
         return fail("a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -164,7 +161,7 @@ def read_file_bytes(record: Record) -> tuple[bytes | None, FileCheck | None]:
     except FileNotFoundError:
         return fail("file not found (a broken symlink or a missing manifest entry)")
     except OSError as e:
-        return fail(f"cannot be read: {_first_line(e)}")
+        return fail(f"cannot be read: {error_text(e)}")
     if len(data) > MAX_FILE_BYTES:  # it grew after the stat
         return fail(f"file too large: over the {MAX_FILE_BYTES // 2**20} MiB limit for one image")
     return data, None

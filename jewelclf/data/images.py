@@ -8,6 +8,11 @@ import tensorflow as tf
 
 from jewelclf.data.formats import (  # noqa: F401  (re-exported: the decoders' vocabulary)
     ANIMATED_WEBP_REASON,
+    DECODER_MAX_PIXELS,
+    JPEG_BARE_MARKERS,
+    JPEG_MAX_STEPS,
+    JPEG_SOF_MARKERS,
+    NO_SIZE_REASON,
     SUPPORTED_FORMATS,
     describe_unsupported,
     is_animated_webp,
@@ -15,6 +20,7 @@ from jewelclf.data.formats import (  # noqa: F401  (re-exported: the decoders' v
     unsupported_reason,
 )
 from jewelclf.errors import JewelclfError
+
 
 def _graph_ready(fn):
     """Mark ``fn`` as already graph code (explicit ``tf.cond``, no Python branching on tensors),
@@ -317,3 +323,136 @@ def load_other(encoded: tf.Tensor, size: int, mode: str = "squash", source: str 
     out = _decode_other(encoded, guard, *_resized_at(size, mode))
     out.set_shape([size, size, 3])
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Image sizes from the header, in the graph: jewelclf.data.formats.image_dimensions, op for op
+
+
+def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, n: int) -> tf.Tensor:
+    """int32 ``[m, n]``: ``n`` bytes of each of the ``[m]`` strings from its own ``pos``, zeros
+    past the end; only ``n`` bytes of each string are copied."""
+    start = tf.minimum(pos, tf.strings.length(encoded))
+    chunk = tf.strings.substr(encoded, start, tf.fill(tf.shape(encoded), n))
+    padded = tf.strings.substr(tf.strings.join([chunk, tf.constant(b"\x00" * n)]), 0, n)
+    out = tf.cast(tf.reshape(tf.io.decode_raw(padded, tf.uint8), [-1, n]), tf.int32)
+    out.set_shape([encoded.shape[0], n])
+    return out
+
+
+def _int(b: tf.Tensor, start: int, n: int, big: bool = False) -> tf.Tensor:
+    """Unsigned int64 of bytes ``start..start+n`` of each row of ``b``."""
+    order = range(start, start + n) if big else range(start + n - 1, start - 1, -1)
+    out = tf.zeros_like(b[:, 0], tf.int64)
+    for i in order:
+        out = out * 256 + tf.cast(b[:, i], tf.int64)
+    return out
+
+
+def _isin(x: tf.Tensor, values) -> tf.Tensor:
+    return tf.reduce_any(tf.equal(x[:, None], tf.constant(list(values), x.dtype)[None, :]), axis=1)
+
+
+def _jpeg_dimensions(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``formats._jpeg_size`` on every string at once, one step of the walk per loop turn."""
+    length = tf.strings.length(encoded)
+    unknown = tf.fill(tf.shape(encoded), tf.constant(-1, tf.int64))
+
+    def step(i, pos, done, width, height):
+        b = _bytes_at(encoded, pos, 9)
+        ff, marker = tf.equal(b[:, 0], 0xFF), b[:, 1]
+        short = pos + 2 > length
+        sof = ff & _isin(marker, JPEG_SOF_MARKERS)
+        found = ~done & ~short & sof & (pos + 9 <= length)
+        width = tf.where(found, _int(b, 7, 2, big=True), width)
+        height = tf.where(found, _int(b, 5, 2, big=True), height)
+        stop = short | sof | (ff & _isin(marker, (0xD9, 0xDA)))
+        advance = tf.where(~ff | tf.equal(marker, 0xFF), 1,
+                           tf.where(_isin(marker, (0x00, *JPEG_BARE_MARKERS)), 2,
+                                    2 + tf.cast(_int(b, 2, 2, big=True), tf.int32)))
+        done_now = done | stop
+        return i + 1, tf.where(done_now, pos, pos + advance), done_now, width, height
+
+    _, _, _, width, height = tf.while_loop(
+        lambda i, pos, done, *_: (i < JPEG_MAX_STEPS) & tf.reduce_any(~done), step,
+        (tf.constant(0), tf.fill(tf.shape(encoded), 2), ~_is_jpeg(encoded), unknown, unknown))
+    return width, height
+
+
+@_graph_ready
+def header_dimensions(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """In-graph :func:`jewelclf.data.formats.image_dimensions` for a ``[m]`` string tensor:
+    int64 ``width`` and ``height`` ``[m]`` that the headers claim, -1 where unknown (no
+    supported format, or a header cut short). Nothing is decoded and no op can fail, so it
+    runs before the decoders, outside ``tf.data``'s ``ignore_errors``."""
+    length = tf.cast(tf.strings.length(encoded), tf.int64)
+    b = _bytes_at(encoded, tf.zeros(tf.shape(encoded), tf.int32), 30)
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 0, 30), tf.constant(b"\x00" * 30)]), 0, 30)
+
+    def tag(pos: int, value: bytes) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(head, pos, len(value)), value)
+
+    def signed32(start: int) -> tf.Tensor:
+        v = _int(b, start, 4)
+        return tf.abs(tf.where(v >= 2**31, v - 2**32, v))
+
+    core_bmp = tf.equal(_int(b, 14, 4), 12)  # OS/2 BITMAPCOREHEADER: 16-bit sides
+    vp8l = _int(b, 21, 4)
+    webp = tag(0, b"RIFF") & tag(8, b"WEBP")
+    cases = [  # (applies, width, height), in image_dimensions' order
+        (tag(0, b"\x89PNG\r\n\x1a\n") & tag(12, b"IHDR") & (length >= 24), _int(b, 16, 4, True), _int(b, 20, 4, True)),
+        ((tag(0, b"GIF87a") | tag(0, b"GIF89a")) & (length >= 10), _int(b, 6, 2), _int(b, 8, 2)),
+        (tag(0, b"BM") & (length >= 26), tf.where(core_bmp, _int(b, 18, 2), signed32(18)),
+         tf.where(core_bmp, _int(b, 20, 2), signed32(22))),
+        (webp & tag(12, b"VP8 ") & tag(23, b"\x9d\x01\x2a") & (length >= 30),
+         tf.bitwise.bitwise_and(_int(b, 26, 2), 0x3FFF), tf.bitwise.bitwise_and(_int(b, 28, 2), 0x3FFF)),
+        (webp & tag(12, b"VP8L") & tf.equal(b[:, 20], 0x2F) & (length >= 25),
+         1 + tf.bitwise.bitwise_and(vp8l, 0x3FFF), 1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(vp8l, 14), 0x3FFF)),
+        (webp & tag(12, b"VP8X") & (length >= 30), 1 + _int(b, 24, 3), 1 + _int(b, 27, 3)),
+    ]
+    width, height = _jpeg_dimensions(encoded)
+    for hit, w, h in cases:
+        width, height = tf.where(hit, w, width), tf.where(hit, h, height)
+    return width, height
+
+
+def _format_names(encoded: tf.Tensor) -> tf.Tensor:
+    """:func:`sniff_format` of each string ("" when none)."""
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, 0, 16), tf.constant(b"\x00" * 16)]), 0, 16)
+
+    def tag(pos: int, value: bytes) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(head, pos, len(value)), value)
+
+    names = tf.fill(tf.shape(encoded), "")
+    for name, hit in reversed([("JPEG", tag(0, b"\xff\xd8\xff")), ("PNG", tag(0, b"\x89PNG\r\n\x1a\n")),
+                               ("GIF", tag(0, b"GIF87a") | tag(0, b"GIF89a")), ("BMP", tag(0, b"BM")),
+                               ("WEBP", tag(0, b"RIFF") & tag(8, b"WEBP"))]):
+        names = tf.where(hit, tf.constant(name), names)
+    return names
+
+
+@_graph_ready
+def size_refusals(encoded: tf.Tensor, max_pixels: int, min_side: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """In-graph :func:`jewelclf.data.formats.header_problem` for a ``[m]`` string tensor:
+    ``refused`` (bool ``[m]``) and its ``reason`` (string ``[m]``, the very wording of the data
+    check; "" where not refused). Bytes of no supported format are not refused here."""
+    width, height = header_dimensions(encoded)
+    fmt = _format_names(encoded)
+    pixels = width * height
+    size = tf.strings.join([tf.strings.as_string(width), "x", tf.strings.as_string(height), " px"])
+    rules = [  # the first that applies gives the reason: size_problem's order
+        (tf.not_equal(fmt, "") & (width < 0),
+         tf.strings.join(["corrupt or truncated ", fmt, f" image: {NO_SIZE_REASON}"])),
+        (pixels > max_pixels,
+         tf.strings.join(["too large: ", size, (f" is over data.max_pixels={max_pixels}; "
+                                                f"downscale it or raise the limit")])),
+        (pixels > DECODER_MAX_PIXELS,
+         tf.strings.join(["too large: ", size, (f" is over the {DECODER_MAX_PIXELS} px TensorFlow "
+                                                f"can decode; downscale it")])),
+        ((width >= 0) & (tf.minimum(width, height) < min_side),
+         tf.strings.join(["too small: ", size, f", under data.min_image_side={min_side}"])),
+    ]
+    reason = tf.fill(tf.shape(encoded), "")
+    for hit, text in reversed(rules):
+        reason = tf.where(hit, text, reason)
+    return tf.not_equal(reason, ""), reason

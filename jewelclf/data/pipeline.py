@@ -144,8 +144,31 @@ def choose_cache(cfg: DataConfig, n_images: int, size: int) -> str:
     return "memory" if megabytes <= cfg.cache_memory_limit_mb else "disk"
 
 
+def permuted(ds: tf.data.Dataset, n: int, seed: int, epoch: tf.Variable | None = None) -> tf.data.Dataset:
+    """``ds`` (``n`` elements) in a new seeded permutation every epoch.
+
+    Without ``epoch``, the permutation follows from how many times ``ds`` was read before.
+    With it (an int64 variable that holds the epoch's number when its first batch is read), it
+    follows from ``seed`` and that number alone, so a resumed run, whose data has been read
+    fewer times, sees each epoch in the order an uninterrupted run would.
+    """
+    if epoch is None:
+        return ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+
+    def epoch_order(_):
+        # The op seed is a tensor here. TF's get_seed compares (global seed, op seed) with
+        # (0, 0) in Python, which fails on a tensor when the global seed is 0 (mod 2**31-1,
+        # e.g. --seed 0); a graph seed of this function's own graph avoids that, and makes the
+        # order follow from the run's seed and the epoch alone (TF 2.16-2.21).
+        tf.random.set_seed(1)
+        return ds.shuffle(n, seed=seed * 1_000_003 + epoch.read_value(), reshuffle_each_iteration=False)
+
+    return tf.data.Dataset.range(1).flat_map(epoch_order)
+
+
 def shuffled_dataset(source: DataSource, records: list[Record], cfg: DataConfig, size: int, seed: int,
-                     cached: tf.data.Dataset | None = None) -> tf.data.Dataset:
+                     cached: tf.data.Dataset | None = None,
+                     epoch: tf.Variable | None = None) -> tf.data.Dataset:
     """Unbatched (uint8 pixels, label) of ``records`` in a new seeded permutation every epoch.
 
     A whole permutation, not a shuffle buffer: records come sorted by class, and a buffer
@@ -153,16 +176,16 @@ def shuffled_dataset(source: DataSource, records: list[Record], cfg: DataConfig,
     records decoded and cached in memory, in order) the permutation runs over the cached
     images, and holding all of them in the buffer costs references, not copies. Otherwise it
     runs over the file paths (or TFDS's encoded bytes) before decoding, so no decoded pixels
-    are held and each epoch decodes again.
+    are held and each epoch decodes again. ``epoch``: see :func:`permuted`.
     """
     n = max(1, len(records))
     if cached is not None:
-        return cached.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        return permuted(cached, n, seed, epoch)
     if source.tfds is None:
-        return (_path_dataset(source, records).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        return (permuted(_path_dataset(source, records), n, seed, epoch)
                 .map(_read_and_load(load_image, size, cfg.resize), num_parallel_calls=AUTOTUNE,
                      deterministic=True))
-    return (_tfds_encoded(source, records).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return (permuted(_tfds_encoded(source, records), n, seed, epoch)
             .map(lambda x, y: (load_image(x, size, cfg.resize), y), num_parallel_calls=AUTOTUNE,
                  deterministic=True))
 

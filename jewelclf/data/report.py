@@ -52,6 +52,7 @@ from jewelclf import bars
 from jewelclf.config import DataConfig
 from jewelclf.data.check import FileCheck, check_records, read_file_bytes
 from jewelclf.data.sources import Record, load_source
+from jewelclf.display import quote_name as _q
 from jewelclf.errors import JewelclfError
 
 NEAR_DUPLICATE_DISTANCE = 12
@@ -488,6 +489,7 @@ def check_data(spec: str, backbone: str | None = None, image_size: int | None = 
         "exif_rotated": len(rotated),
         "exact_groups_across_splits": sum(g["across_splits"] for g in exact),
         "empty_classes": len(imbalance["empty_classes"]) if imbalance else 0,
+        "repeated_rows": len(source.repeated),
     }
     return {
         "data": _show(spec),
@@ -513,6 +515,7 @@ def check_data(spec: str, backbone: str | None = None, image_size: int | None = 
         "leakage": leakage,
         "too_small": too_small,
         "exif_rotated": rotated,
+        "repeated_rows": [_show(r) for r in source.repeated],
         "problems": problems,
         "errors": {k: problems[k] for k in ERROR_KINDS if problems[k]},
         "warnings": {k: n for k, n in problems.items() if n and k not in ERROR_KINDS
@@ -545,11 +548,11 @@ def _section(lines: list[str], title: str, rows: list[str], limit: int) -> None:
 
 def _group_line(g: dict) -> str:
     where = " / ".join(s or "all" for s in g["splits"])
-    files = [f["file"] for f in g["files"]]
+    files = [_q(f["file"]) for f in g["files"]]
     sign = " = " if g["kind"] == "exact" else " ≈ "
     shown = sign.join(files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
     extra = f", distance <= {g['max_distance']}" if g["kind"] == "near" else ""
-    labels = f", LABELS DIFFER: {', '.join(g['labels'])}" if g["conflicting_labels"] else ""
+    labels = f", LABELS DIFFER: {', '.join(map(_q, g['labels']))}" if g["conflicting_labels"] else ""
     scope = "ACROSS " + where if g["across_splits"] else "within " + where
     return f"[{scope}{extra}{labels}] {shown}"
 
@@ -563,28 +566,31 @@ def format_check_report(report: dict, limit: int = 10) -> str:
     for note in report["notes"]:
         lines.append(f"note: {note}")
     splits = list(report["splits"])
-    width = max([5] + [len(c) for c in report["classes"]])
+    width = max([5] + [len(_q(c)) for c in report["classes"]])
     lines.append("")
     lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
     for name, counts in report["classes"].items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{counts.get(s, 0):>6}" for s in splits))
+        lines.append(f"{_q(name):<{width}}  " + "  ".join(f"{counts.get(s, 0):>6}" for s in splits))
     lines.append(f"{'total':<{width}}  " + "  ".join(f"{report['splits'][s]:>6}" for s in splits))
     imb = report["imbalance"]
     if imb:
         ratio = f"{imb['ratio']:.1f}:1" if imb["ratio"] is not None else "infinite"
-        lines.append(f"imbalance ({imb['split']}): {ratio}, {imb['largest']['class']} "
-                     f"{imb['largest']['count']} / {imb['smallest']['class']} {imb['smallest']['count']}"
-                     + (f"; no usable images: {', '.join(imb['empty_classes'])}" if imb["empty_classes"] else ""))
+        lines.append(f"imbalance ({imb['split']}): {ratio}, {_q(imb['largest']['class'])} "
+                     f"{imb['largest']['count']} / {_q(imb['smallest']['class'])} {imb['smallest']['count']}"
+                     + (f"; no usable images: {', '.join(map(_q, imb['empty_classes']))}" if imb["empty_classes"] else ""))
     sides = report["image_sides"]
     if sides:
         lines.append(f"shorter side: min {sides['min']}, median {sides['median']:g}, max {sides['max']} px")
 
     if report["rejected"]:
         _section(lines, f"unreadable or unsupported ({len(report['rejected'])}):",
-                 [f"{r['file']}: {r['reason']}" for r in report["rejected"]], limit)
+                 [f"{_q(r['file'])}: {r['reason']}" for r in report["rejected"]], limit)
+    if report.get("repeated_rows"):
+        _section(lines, f"rows naming a file listed before with the same label ({len(report['repeated_rows'])}; "
+                        "each file counted once):", report["repeated_rows"], limit)
     if report["extension_mismatches"]:
         _section(lines, f"extension does not match content ({len(report['extension_mismatches'])}):",
-                 [f"{m['file']}: named {m['extension']}, content is {m['content']}"
+                 [f"{_q(m['file'])}: named {_q(m['extension'])}, content is {m['content']}"
                   for m in report["extension_mismatches"]], limit)
     for kind, title in (("exact", "byte-identical duplicates"), ("near", "near-identical duplicates")):
         groups = report["duplicates"][kind]
@@ -602,17 +608,17 @@ def format_check_report(report: dict, limit: int = 10) -> str:
             first = leaks[0]
             sign = "=" if first["kind"] == "exact" else "≈"
             more = f" (+{len(leaks) - 1} more)" if len(leaks) > 1 else ""
-            rows.append(f"{b} [{first['b_split']}] {sign} {first['a']} [{first['a_split']}]{more}")
+            rows.append(f"{_q(b)} [{first['b_split']}] {sign} {_q(first['a'])} [{first['a_split']}]{more}")
         _section(lines, f"LEAKAGE: {len(twins)} file(s) have a copy in another split "
                         f"({len(report['leakage'])} pair(s)):", rows, limit)
     if report["too_small"]:
         size = report["settings"]["input_size"]
         _section(lines, f"smaller than the {size} px input side ({len(report['too_small'])}; they get upscaled):",
-                 [f"{t['file']}: {t['width']}x{t['height']}" for t in report["too_small"]], limit)
+                 [f"{_q(t['file'])}: {t['width']}x{t['height']}" for t in report["too_small"]], limit)
     if report["exif_rotated"]:
         _section(lines, f"EXIF-rotated ({len(report['exif_rotated'])}; jewelclf uses the stored pixels, "
                         "viewers turn them):",
-                 [f"{t['file']}: orientation {t['orientation']}, {t['meaning']}"
+                 [f"{_q(t['file'])}: orientation {t['orientation']}, {t['meaning']}"
                   for t in report["exif_rotated"]], limit)
     lines.append("")
     if report["clean"]:

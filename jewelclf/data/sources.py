@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -66,9 +67,28 @@ class DataSource:
     records: list[Record]
     tfds: TfdsInfo | None = None
     notes: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)
+    """A CSV's rows that name a file listed before, with the same label: each counted once."""
+    conflicts: list[str] = field(default_factory=list)
+    """A CSV's files listed under two labels (one line each). Both rows stay records, so that
+    ``check`` reports them as conflicting labels; ``fit`` refuses them (:meth:`refuse_conflicts`)."""
 
-    def with_records(self, records: list[Record]) -> "DataSource":
+    def with_records(self, records: list[Record]) -> DataSource:
         return replace(self, records=list(records))
+
+    def repeat_warning(self) -> str | None:
+        """One line about :attr:`repeated`, or ``None`` when no row repeats another."""
+        if not self.repeated:
+            return None
+        return (f"{len(self.repeated)} row(s) of '{self.spec}' name a file listed before with the "
+                f"same label, each counted once (e.g. {self.repeated[0]})")
+
+    def refuse_conflicts(self) -> None:
+        """A one-line error when a file is listed under two labels (what ``check`` reports as
+        conflicting labels): one image cannot teach two classes."""
+        if self.conflicts:
+            more = f" (and {len(self.conflicts) - 1} more such file(s))" if len(self.conflicts) > 1 else ""
+            raise JewelclfError(f"{self.conflicts[0]}{more}; keep one row per image, with its one label")
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
@@ -83,19 +103,25 @@ def _unreadable_folder(e: OSError) -> None:
     raise JewelclfError(f"cannot list folder '{e.filename}' ({reason}); fix its permissions or remove it")
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """All visible files under ``folder``, following symlinks but never looping.
+def _holds(real: str, top: str) -> bool:
+    """Whether the folder ``real`` is ``top`` or one that holds it (a link back up the tree)."""
+    return os.path.commonpath([real, top]) == real
 
-    A folder reached twice, or a link back to a folder that holds ``folder`` (which would pull
-    other classes' images into this one), is not walked again. A folder that cannot be listed
-    is a one-line error rather than silently empty.
+
+def walk_files(folder: Path) -> list[Path]:
+    """All visible files under ``folder`` (sorted), following symlinks but never looping.
+
+    The one folder walker of jewelclf: ``check``, ``fit``, ``evaluate``, ``index`` and
+    ``predict`` all list folders with it. A folder reached twice, or a link back to a folder
+    that holds ``folder`` (which would pull other classes' images into this one), is not walked
+    again. A folder that cannot be listed is a one-line error rather than silently empty.
     """
     out: list[Path] = []
     seen: set[str] = set()
     top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_unreadable_folder):
         real = os.path.realpath(dirpath)
-        if real in seen or (real != top and os.path.commonpath([real, top]) == real):
+        if real in seen or (real != top and _holds(real, top)):
             dirnames[:] = []
             continue
         seen.add(real)
@@ -104,13 +130,41 @@ def _walk_files(folder: Path) -> list[Path]:
     return out
 
 
-def _class_dirs(folder: Path) -> list[Path]:
+def collect_files(paths: Iterable[str]) -> list[Path]:
+    """Files as given, and every visible file under folders (:func:`walk_files`), in argument
+    order; a path that does not exist, or nothing found at all, is a one-line error."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            out.extend(walk_files(path))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise JewelclfError(f"image path '{p}' does not exist; pass image files or folders of images")
+    if not out:
+        raise JewelclfError(f"no image files found in {', '.join(map(str, paths))}")
+    return out
+
+
+def _class_dirs(folder: Path, notes: list[str] | None = None) -> list[Path]:
+    """The visible subfolders of ``folder``, less links back to ``folder`` or above it (``ln -s
+    . a`` would make a class of every image); those are named in ``notes`` when given."""
+    top = os.path.realpath(folder)
     try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
     except OSError as e:
         if e.filename is None:
             e.filename = str(folder)
         _unreadable_folder(e)
+    kept = []
+    for p in dirs:
+        if _holds(os.path.realpath(p), top):
+            if notes is not None:
+                notes.append(f"ignored '{p}': a link back to a folder that holds it, not a class folder")
+        else:
+            kept.append(p)
+    return kept
 
 
 def _split_dirs(folder: Path) -> dict[str, Path]:
@@ -128,11 +182,12 @@ def _split_dirs(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _records_from_class_folders(folder: Path, root: Path, split: str | None) -> list[Record]:
-    classes = _class_dirs(folder)
+def _records_from_class_folders(folder: Path, root: Path, split: str | None,
+                                notes: list[str]) -> list[Record]:
+    classes = _class_dirs(folder, notes)
     records: list[Record] = []
     for cdir in classes:
-        files = _walk_files(cdir)
+        files = walk_files(cdir)
         if not files:
             where = f"the {split} split" if split else f"'{folder}'"
             raise JewelclfError(
@@ -158,7 +213,7 @@ def from_folder(folder: Path) -> DataSource:
         for split, sdir in splits.items():
             if not _class_dirs(sdir):
                 raise JewelclfError(f"split folder '{sdir}' has no class subfolders; add one folder per class")
-            records += _records_from_class_folders(sdir, folder, split)
+            records += _records_from_class_folders(sdir, folder, split, notes)
         others = [p.name for p in _class_dirs(folder) if p.name.lower() not in _SPLIT_ALIASES]
         if others:
             notes.append(f"ignored folders beside the split folders: {', '.join(others)}")
@@ -175,7 +230,7 @@ def from_folder(folder: Path) -> DataSource:
                 f"'{folder}' has no class subfolders; put each class's images in a subfolder "
                 f"named after the class (e.g. {folder}/rings/*.jpg)"
             )
-        records = _records_from_class_folders(folder, folder, None)
+        records = _records_from_class_folders(folder, folder, None, notes)
     class_names = sorted({r.label for r in records})
     return DataSource(str(folder), folder, class_names, records, notes=notes)
 
@@ -185,7 +240,85 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def manifest_path(root: Path, rel: str, where: str = "CSV manifest") -> tuple[str, str]:
+    """``(real path, key)`` of a manifest row's ``rel``, relative to the manifest's folder ``root``.
+
+    The real path has every symlink resolved: it is what is read, and what tells two spellings of
+    one file apart from two files. The key is ``rel`` normalised (``./img/../img//a.jpg`` is
+    ``img/a.jpg``; an absolute path inside the folder is made relative), or the real path's when
+    the spelling's ``..`` would climb out of a symlinked folder. A path that leads outside the
+    folder, spelled so or through a link (``etclink/passwd`` with ``etclink -> /etc``), is a
+    one-line error that starts with ``where``: a manifest can only name files under its folder.
+    """
+    root_abs = os.path.abspath(root)
+    root_real = os.path.realpath(root)
+    lexical = os.path.normpath(os.path.join(root_abs, rel))
+    real = os.path.realpath(os.path.join(root_abs, rel))  # '..' after a link: POSIX's meaning
+    if os.path.commonpath([root_abs, lexical]) != root_abs or os.path.commonpath([root_real, real]) != root_real:
+        if os.path.commonpath([root_abs, lexical]) == root_abs:
+            raise JewelclfError(
+                f"{where}: path '{rel}' leads through a symlink to '{real}', outside the manifest's "
+                f"folder '{root_abs}'; copy the image under that folder instead of linking to it"
+            )
+        raise JewelclfError(
+            f"{where}: path '{rel}' is outside the manifest's folder '{root_abs}'; move the image "
+            f"under that folder and give its path relative to it"
+        )
+    key = os.path.relpath(lexical, root_abs)
+    if os.path.realpath(os.path.join(root_abs, key)) != real:
+        key = os.path.relpath(real, root_real)
+    return real, Path(key).as_posix()
+
+
+def _csv_records(path: Path, rows: list[tuple[int, dict[str, str]]]
+                 ) -> tuple[list[Record], list[str], list[str]]:
+    """The records of a CSV manifest's ``(line, row)`` pairs, one per file (by its real path),
+    with the rows that repeat a file under its label and the files listed under two labels."""
+    records: list[Record] = []
+    first: dict[str, tuple[int, str, Record]] = {}  # real path -> its first row: line, spelling, record
+    repeated: list[str] = []
+    conflicts: list[str] = []
+    for i, row in rows:  # i: the line the row ends on
+        if any(ord(ch) < 32 for v in row.values() for ch in v):
+            raise JewelclfError(
+                f"CSV manifest '{path}' line {i}: a field holds a line break, tab or other control "
+                f"character; fix the line"
+            )
+        rel, label = row.get("path", ""), row.get("label", "")
+        if not rel or not label:
+            raise JewelclfError(f"CSV manifest '{path}' line {i}: empty path or label; fill it or delete the line")
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in _SPLIT_ALIASES:
+                raise JewelclfError(
+                    f"CSV manifest '{path}' line {i}: unknown split '{split}'; use train, val or test"
+                )
+            split = _SPLIT_ALIASES[split.lower()]
+        real, key = manifest_path(path.parent, rel, f"CSV manifest '{path}' line {i}")
+        record = Record(real, key, label, split, row.get("group") or None)
+        if real in first:
+            line0, rel0, record0 = first[real]
+            spelled = "" if rel == rel0 else f" as '{rel}'"
+            if record0.label != label:
+                conflicts.append(f"CSV manifest '{path}' lists '{record0.key}' under two labels: "
+                                 f"'{record0.label}' on line {line0} and '{label}' on line {i}{spelled}")
+            elif (record0.split, record0.group) != (split, record.group):
+                raise JewelclfError(
+                    f"CSV manifest '{path}' line {i}: '{record0.key}'{spelled} is listed again (first "
+                    f"on line {line0}) with another split or group; keep one row for it"
+                )
+            else:
+                repeated.append(f"line {i} ('{rel}') repeats line {line0} ('{rel0}')")
+                continue
+        else:
+            first[real] = (i, rel, record)
+        records.append(record)
+    return records, repeated, conflicts
+
+
 def from_csv(path: Path) -> DataSource:
+    """A CSV manifest's records: each file once, however its rows spell it (:func:`manifest_path`);
+    a malformed manifest is a one-line error naming the line."""
     path = Path(path)
     root = path.parent
     try:
@@ -208,40 +341,7 @@ def from_csv(path: Path) -> DataSource:
         raise JewelclfError(
             f"CSV manifest '{path}' line {reader.line_num} is not valid CSV ({e}); fix that line"
         ) from None
-    records: list[Record] = []
-    seen: dict[str, int] = {}
-    root_abs = os.path.abspath(root)
-    for i, row in rows:  # i: the line the row ends on
-        if any(ord(ch) < 32 for v in row.values() for ch in v):
-            raise JewelclfError(
-                f"CSV manifest '{path}' line {i}: a field holds a line break, tab or other control "
-                f"character; fix the line"
-            )
-        rel, label = row.get("path", ""), row.get("label", "")
-        if not rel or not label:
-            raise JewelclfError(f"CSV manifest '{path}' line {i}: empty path or label; fill it or delete the line")
-        if rel in seen:
-            raise JewelclfError(
-                f"CSV manifest '{path}' line {i}: '{rel}' is listed again (first on line "
-                f"{seen[rel]}); remove the duplicate row"
-            )
-        seen[rel] = i
-        split = row.get("split") or None
-        if split is not None:
-            if split.lower() not in _SPLIT_ALIASES:
-                raise JewelclfError(
-                    f"CSV manifest '{path}' line {i}: unknown split '{split}'; use train, val or test"
-                )
-            split = _SPLIT_ALIASES[split.lower()]
-        # Paths are relative to the manifest's folder; one that leaves it (../x.jpg, or an absolute
-        # path elsewhere) is refused, so a manifest can only name files under its own folder.
-        full = os.path.normpath(os.path.join(root_abs, rel))
-        if os.path.commonpath([root_abs, full]) != root_abs:
-            raise JewelclfError(
-                f"CSV manifest '{path}' line {i}: path '{rel}' is outside the manifest's folder "
-                f"'{root_abs}'; move the image under that folder and give its path relative to it"
-            )
-        records.append(Record(full, rel, label, split, row.get("group") or None))
+    records, repeated, conflicts = _csv_records(path, rows)
     if not records:
         raise JewelclfError(f"CSV manifest '{path}' has no rows; add one row per image")
     splits_given = {r.split for r in records}
@@ -259,7 +359,7 @@ def from_csv(path: Path) -> DataSource:
                 f"CSV manifest '{path}': label '{r.label}' appears only outside the train split; "
                 f"add training rows for it or remove its rows"
             )
-    return DataSource(str(path), root, class_names, records)
+    return DataSource(str(path), root, class_names, records, repeated=repeated, conflicts=conflicts)
 
 
 def from_tfds(spec: str) -> DataSource:
