@@ -359,6 +359,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     model = load_model_file(run_dir / MODEL, len(class_names))
     calibration = calibration_mod.read(run_dir / CALIBRATION)
     source = load_source(data_spec)
+    source.refuse_conflicts()  # one image under two labels cannot be scored
     chosen = choose_records(run_dir, info, source, split)
     records = chosen.records
     unknown = sorted({r.label for r in records} - set(class_names))

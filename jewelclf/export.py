@@ -729,6 +729,7 @@ def labelled_test_images(spec: str, class_names: list[str],
     from jewelclf.data.sources import load_source
 
     source = load_source(spec)
+    source.refuse_conflicts()
     records = source.records
     if "test" in {r.split for r in records}:
         records = [r for r in records if r.split == "test"]

@@ -78,6 +78,7 @@ def review_run(run_dir: Path, data_spec: str, output: Path, overwrite: bool = Fa
                                   source=str(run_dir / rd.CONFIG))
     class_names = rd.read_class_names(run_dir)
     source = load_source(data_spec)
+    source.refuse_conflicts()
     _refuse_output_in_data(output, source)
     rows = split_rows(run_dir)
     records = run_records(run_dir, info, source, rows, class_names)

@@ -718,6 +718,7 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
                                 f"choose a new folder")
 
     source = load_source(str(catalogue))
+    source.refuse_conflicts()
     if source.tfds is not None:
         raise JewelclfError(f"'{catalogue}' is a TFDS dataset; jewelclf index needs image files "
                             f"(a folder of class subfolders or a CSV manifest)")

@@ -36,7 +36,7 @@ import yaml
 
 from jewelclf import rundir as rd
 from jewelclf.backbones import get_backbone
-from jewelclf.config import Config, from_dict, merge, set_dotted, validate
+from jewelclf.config import Config, from_dict, merge, parse_yaml, set_dotted, validate
 from jewelclf.errors import JewelclfError
 from jewelclf.model import image_size
 from jewelclf.tensorboard_logs import TENSORBOARD_DIR
@@ -186,13 +186,8 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     if not path.is_file():
         raise JewelclfError(f"space file '{path}' does not exist; check the --space path")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise JewelclfError(f"space file '{path}' is not valid YAML"
-                            + (f" at line {mark.line + 1}" if mark else "") + "; fix its syntax") from None
-    return parse_space(raw, source=f"space file '{path}'")
+    source = f"space file '{path}'"
+    return parse_space(parse_yaml(path.read_text(encoding="utf-8"), source), source=source)
 
 
 def _possible_values(spec: dict[str, Any] | None, config_value: int) -> list[int]:

@@ -165,6 +165,20 @@ def test_one_file_under_two_labels_is_checks_conflict_and_fits_refusal(csv_root,
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
+def test_evaluate_and_index_refuse_one_file_under_two_labels(csv_root, tmp_path, tiny_run, keras_model):
+    """Scoring (or indexing) an image under two labels would count it twice, once wrong."""
+    from jewelclf.cli import main
+
+    spec = _manifest(csv_root, ["img/ring_0.jpg,ring", "img//ring_0.jpg,watch"])
+    for args in (["evaluate", str(tiny_run), spec, "--output", str(tmp_path / "ev")],
+                 ["index", str(keras_model), spec, "--output", str(tmp_path / "idx")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args[0], result.output)
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "under two labels" in errors[0], (args[0], result.output)
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "idx").exists()
+
+
 def test_a_link_out_of_the_manifests_folder_is_refused(csv_root):
     os.symlink("/etc", csv_root / "etclink")
     spec = _manifest(csv_root, ["img/ring_0.jpg,ring", "etclink/passwd,watch"])
@@ -215,6 +229,16 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path, text, message):
     p.write_text(text)
     with pytest.raises(JewelclfError, match=rf"^config file '.*x.yaml' {re.escape(message)}"):
         cfg.load_yaml(p)
+
+
+def test_a_space_file_key_given_twice_is_refused(tmp_path):
+    """tune's --space file is read by the same strict loader as configs."""
+    from jewelclf.tuning import load_space
+
+    p = tmp_path / "space.yaml"
+    p.write_text("dropout:\n  choice: [0.1, 0.3]\ndropout:\n  choice: [0.5]\n")
+    with pytest.raises(JewelclfError, match=r"^space file '.*space.yaml' line 3: key 'dropout' is given twice"):
+        load_space(p)
 
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
