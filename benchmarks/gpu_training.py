@@ -5,10 +5,10 @@ Issue 5's GPU row. Both train every weight on one synthetic batch of uint8 pixel
 the device (so the input pipeline is not measured), with Adam, softmax cross-entropy over 1,000
 classes, and bfloat16 compute (``mixed_bfloat16`` in Keras, ``torch.autocast(bfloat16)``):
 
-- ``keras``: :func:`jewelclf.model.build_classifier` (pixels in: augmentation layers, the
+- ``keras``: :func:`jewelclf.modeling.classifier.build_classifier` (pixels in: augmentation layers, the
   backbone's preprocessing layer, ResNet50 called with ``training=False`` so BatchNorm stays
   frozen, pooling, head with a float32 softmax), every block unfrozen with
-  :func:`jewelclf.model.unfreeze_top_blocks` (all but the stem convolution, which no block
+  :func:`jewelclf.modeling.classifier.unfreeze_top_blocks` (all but the stem convolution, which no block
   of jewelclf's ResNet50 holds), compiled with XLA (the JAX backend always is);
 - ``torch``: ``torchvision.models.resnet50`` in channels_last, the ImageNet normalisation on
   the GPU inside the step, BatchNorm in training mode (PyTorch's usual recipe; it does a little
@@ -60,9 +60,9 @@ def keras_worker(batch: int, size: int, steps: int, warmup: int, repeats: int, a
     import keras
     import numpy as np
 
-    from jewelclf.backbones import get_backbone
+    from jewelclf.modeling.backbones import get_backbone
     from jewelclf.config import Config
-    from jewelclf.model import BACKBONE, build_classifier, unfreeze_top_blocks
+    from jewelclf.modeling.classifier import BACKBONE, build_classifier, unfreeze_top_blocks
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     config = Config()

@@ -72,8 +72,8 @@ def method_rankings(run: Path, data: str, head: str) -> dict[str, list[str]]:
     from cleanlab.rank import get_label_quality_scores
 
     from jewelclf import config as config_mod
-    from jewelclf import review
-    from jewelclf import rundir as rd
+    from jewelclf.review import label_issues as review
+    from jewelclf import runs as rd
     from jewelclf.data.sources import load_source
 
     info = rd.require_finished_run(run)
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
 
-    from jewelclf.review import read_issues, review_run
+    from jewelclf.review.label_issues import read_issues, review_run
 
     work = args.work or Path(tempfile.mkdtemp(prefix="label_noise_"))
     results = {}

@@ -25,8 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 from jewelclf.config import resolve  # noqa: E402
-from jewelclf.model import build_classifier  # noqa: E402
-from jewelclf.training import make_datasets, prepare_data, train_stage1  # noqa: E402
+from jewelclf.modeling.classifier import build_classifier  # noqa: E402
+from jewelclf.training.trainer import make_datasets, prepare_data, train_stage1  # noqa: E402
 
 
 def run(mode: str, args, work: Path, quiet) -> tuple[float, list[float], float]:

@@ -33,10 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from jewelclf.backbones import get_backbone  # noqa: E402
+from jewelclf.modeling.backbones import get_backbone  # noqa: E402
 from jewelclf.config import resolve  # noqa: E402
-from jewelclf.layers import BackbonePreprocessing  # noqa: E402
-from jewelclf.training import fit  # noqa: E402
+from jewelclf.modeling.layers import BackbonePreprocessing  # noqa: E402
+from jewelclf.training.trainer import fit  # noqa: E402
 
 
 def _split_dirs(data: Path) -> tuple[Path, Path]:

@@ -43,7 +43,7 @@ def measure(data: Path, run_dir: Path, trials: int, overrides: dict, space_yaml:
             log=print) -> dict:
     """Run the search; return the RSS figures after trial 3 and after the last trial (MiB)."""
     from jewelclf.config import resolve
-    from jewelclf.tuning import parse_space, tune
+    from jewelclf.tuning.tune import parse_space, tune
 
     config = resolve(None, overrides)
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def _merge(a: dict, b: dict) -> dict:
 def run_variants(data: str, work: Path, overrides: dict, trials: int, variants: list[str],
                  log=print) -> dict[str, dict]:
     from jewelclf.config import resolve
-    from jewelclf.tuning import parse_space, tune
+    from jewelclf.tuning.tune import parse_space, tune
 
     for p in Path(data).rglob("*"):  # warm the disk cache once, for every variant alike
         if p.is_file():

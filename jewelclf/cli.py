@@ -26,7 +26,7 @@ def _handle_errors(fn):
             click.echo("\ninterrupted.", err=True)
             sys.exit(130)
         except Exception as e:  # a full disk anywhere is still a user's problem: one line
-            from jewelclf import rundir
+            from jewelclf import runs as rundir
 
             if not rundir.is_disk_full(e):
                 raise
@@ -54,7 +54,7 @@ def _start(verbose: bool, data: str | None = None, run_dir: Path | None = None) 
 
         require_data(data)
     if run_dir is not None:
-        from jewelclf.rundir import require_finished_run
+        from jewelclf.runs import require_finished_run
 
         require_finished_run(Path(run_dir))
     from jewelclf.tfenv import import_tensorflow
@@ -192,7 +192,7 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
     if resume:
         _refuse_with_resume("run", config_file, flags, overwrite)
         _start(verbose, data)
-        from jewelclf.training import resume_fit
+        from jewelclf.training.trainer import resume_fit
 
         resume_fit(run_dir, data, log=click.echo)
         return
@@ -201,7 +201,7 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
                             "(or --resume to continue a run)")
     config = resolve(config_file, _overrides(**flags))
     _start(verbose, data)
-    from jewelclf.training import fit as run_fit
+    from jewelclf.training.trainer import fit as run_fit
 
     run_fit(data, run_dir, config, overwrite=overwrite, log=click.echo)
 
@@ -221,7 +221,7 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
 def evaluate(run_dir, data, output, split, verbose):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""
     _start(verbose, data, run_dir)
-    from jewelclf.evaluation import evaluate_run, format_report
+    from jewelclf.evaluation.evaluate import evaluate_run, format_report
 
     metrics, out_dir = evaluate_run(run_dir, data, output, split)
     click.echo(format_report(metrics))
@@ -260,7 +260,7 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
     _start(verbose, run_dir=run_dir)
-    from jewelclf.export import export_run, format_export_summary
+    from jewelclf.export.savedmodel import export_run, format_export_summary
 
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
                         log=click.echo, embed_layer=embed_layer)
@@ -285,7 +285,7 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
     import json as json_mod
 
     from jewelclf.display import quote_name
-    from jewelclf.predict import format_table, run_predict
+    from jewelclf.inference.predict import format_table, run_predict
 
     model, images = (None, list(paths)) if server else ((paths[0] if paths else None), list(paths[1:]))
     if not server:  # TF Serving does the work behind --server: no TensorFlow here
@@ -326,7 +326,7 @@ def index_command(model, catalogue, output, batch_size, layer, exact_threshold, 
     with a trained model and write a search index; a second run embeds only new or changed
     files and drops the ones that are gone."""
     _start(verbose, catalogue)
-    from jewelclf.search import build_index
+    from jewelclf.search.index import build_index
 
     summary = build_index(model, catalogue, output, batch_size, layer, exact_threshold, rebuild,
                           log=click.echo)
@@ -351,24 +351,24 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out, overwri
     """Find the catalogue items of INDEX_DIR most similar to each IMAGE (cosine similarity)."""
     import json as json_mod
 
-    from jewelclf.search import require_index
+    from jewelclf.search.index import require_index
 
     for note in require_index(index_dir):
         click.echo(f"note: {note}", err=True)
     if html_out:
-        from jewelclf.search_report import check_html_path
+        from jewelclf.search.html import check_html_path
 
         check_html_path(html_out, index_dir, overwrite)  # before the search, not after it
     _start(verbose)
 
-    from jewelclf.search import format_similar, similar
+    from jewelclf.search.index import format_similar, similar
 
     report = similar(index_dir, list(images), k, same_class)
     for e in report.errors:
         click.echo(f"skipped {e['query']}: {e['error']}", err=True)
     click.echo(json_mod.dumps(report.to_dict(), indent=2) if as_json else format_similar(report))
     if html_out:
-        from jewelclf.search_report import write_html
+        from jewelclf.search.html import write_html
 
         click.echo(f"wrote {write_html(report, html_out, overwrite)}", err=as_json)
 
@@ -396,7 +396,7 @@ def review_command(run_dir, data, output, folds, head, overwrite, verbose):
     learning on out-of-fold predictions, through cleanlab), with a contact sheet, and list
     near-duplicate images under different labels. DATA is the data the run trained on."""
     _start(verbose, data, run_dir)
-    from jewelclf.review import format_summary, review_run
+    from jewelclf.review.label_issues import format_summary, review_run
 
     summary = review_run(run_dir, data, output, overwrite=overwrite, folds=folds, head=head,
                          log=click.echo)
@@ -444,7 +444,7 @@ def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner,
         _refuse_with_resume("search", None, flags)
     config = resolve(config_file, _overrides(**flags)) if config_file or not resume else None
     _start(verbose)  # the space file is checked before DATA, as tune always did
-    from jewelclf.tuning import load_space, tune
+    from jewelclf.tuning.tune import load_space, tune
 
     space = load_space(space_file) if space_file else None
     tune(data, run_dir, config, space, resume=resume, log=click.echo, tuner=tuner,
@@ -486,9 +486,9 @@ def check_command(data, config_file, as_json, output, near_duplicate_distance, w
 
     config = resolve(config_file, _overrides(**flags))
     _start(verbose, data)
-    from jewelclf.data.report import (NEAR_DUPLICATE_DISTANCE, check_data, format_check_report,
+    from jewelclf.data.audit import (NEAR_DUPLICATE_DISTANCE, check_data, format_check_report,
                                       save_check_report)
-    from jewelclf.model import image_size
+    from jewelclf.modeling.classifier import image_size
 
     if near_duplicate_distance is None:
         near_duplicate_distance = NEAR_DUPLICATE_DISTANCE

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jewelclf.backbones import BACKBONES, BackboneSpec  # noqa: E402
+from jewelclf.modeling.backbones import BACKBONES, BackboneSpec  # noqa: E402
 
 CLASSES = ("necklace", "ring", "watch")
 _COLOURS = {"necklace": (200, 40, 40), "ring": (40, 200, 40), "watch": (40, 40, 200)}

@@ -116,7 +116,7 @@ def test_header_checks_in_python_and_in_graph():
 
 
 def test_predict_refuses_the_file_before_any_model_sees_it(tmp_path):
-    from jewelclf.predict import read_image_file
+    from jewelclf.inference.predict import read_image_file
 
     (tmp_path / "spin.webp").write_bytes(ANIM)
     (tmp_path / "still.webp").write_bytes(still_webp())
@@ -142,7 +142,7 @@ SERVE = textwrap.dedent(r'''
 
 
 def test_serving_signature_flags_an_animated_webp_and_classifies_the_rest(tiny_run, tmp_path_factory, tmp_path):
-    from jewelclf import export as ex
+    from jewelclf.export import savedmodel as ex
 
     exported = exported_tiny(tiny_run, tmp_path_factory)
     png = encode(noisy((40, 48, 3), 1, (40, 200, 40)), "PNG")

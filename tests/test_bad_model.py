@@ -12,8 +12,8 @@ import keras
 import pytest
 from click.testing import CliRunner
 
-import jewelclf.data.check as check_module
-import jewelclf.predict as predict_module
+import jewelclf.data.validate as check_module
+import jewelclf.inference.predict as predict_module
 from jewelclf.cli import main
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import make_class_folder
 from jewelclf import bars
-from jewelclf.data.check import check_records
-from jewelclf.data.report import _hamming_pairs, fingerprint_records
+from jewelclf.data.validate import check_records
+from jewelclf.data.audit import _hamming_pairs, fingerprint_records
 from jewelclf.data.sources import load_source
 
 
@@ -93,8 +93,8 @@ def test_stage1_feature_pass_and_predict_count_images(terminal, tmp_path):
     import keras
     import tensorflow as tf
 
-    from jewelclf.predict import predict_files
-    from jewelclf.training import _features
+    from jewelclf.inference.predict import predict_files
+    from jewelclf.training.trainer import _features
 
     extractor = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.GlobalAveragePooling2D()])
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((10, 4, 4, 3), "float32"),

@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from scipy.special import softmax
 
-from jewelclf import calibration as cal
+from jewelclf.evaluation import calibration as cal
 from jewelclf.errors import JewelclfError
-from jewelclf.evaluation import compute_metrics
+from jewelclf.evaluation.evaluate import compute_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -265,8 +265,8 @@ def test_predict_with_a_run_applies_its_temperature(tiny_run, tmp_path):
     import tensorflow as tf
 
     from jewelclf.data.images import load_image
-    from jewelclf.export import keras_probabilities
-    from jewelclf.predict import load_predictor
+    from jewelclf.export.savedmodel import keras_probabilities
+    from jewelclf.inference.predict import load_predictor
 
     predictor = load_predictor(_copy_run(tiny_run, tmp_path / "scaled", temperature=2.5))
     assert predictor.temperature == 2.5

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from conftest import make_image, make_split_folder
 from jewelclf.cli import main
-from jewelclf.data import report as report_mod
-from jewelclf.data.report import (NEAR_DUPLICATE_DISTANCE, check_data, describe_leakage,
+from jewelclf.data import audit as report_mod
+from jewelclf.data.audit import (NEAR_DUPLICATE_DISTANCE, check_data, describe_leakage,
                                   find_split_leakage, fingerprint, format_check_report)
 from jewelclf.data.sources import Record, load_source
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
 from jewelclf.data.sources import Record
-from jewelclf.training import class_weights
+from jewelclf.training.trainer import class_weights
 
 NAMES = ["bracelet", "earring", "necklace", "ring"]
 

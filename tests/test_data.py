@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import CLASSES, make_class_folder, make_csv, make_image, make_split_folder
 from jewelclf.config import DataConfig
-from jewelclf.data.check import check_file, check_records
+from jewelclf.data.validate import check_file, check_records
 from jewelclf.data.images import (_premultiplied_planes, decode_rgb, load_image, load_jpeg, load_other,
                                   resize_rgb)
 from jewelclf.data.pipeline import batched, decoded_dataset

@@ -29,9 +29,9 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import make_split_folder
-from jewelclf import export as ex
-from jewelclf import progress as progress_mod
-from jewelclf import rundir as rd
+from jewelclf.export import savedmodel as ex
+from jewelclf.training import checkpoints as progress_mod
+from jewelclf import runs as rd
 from jewelclf.cli import main
 
 # tiny_cnn; enough stage-1 epochs that a backup with a .bkp exists before the save that fails.
@@ -224,7 +224,7 @@ def test_disk_full_saving_model_keras_leaves_no_partial_model_and_resumes(data, 
 
 def test_disk_full_anywhere_else_in_fit_is_one_line(data, tmp_path, monkeypatch):
     """ENOSPC half-way through the third row appended to ``history.csv``."""
-    from jewelclf import training
+    from jewelclf.training import trainer as training
 
     run_dir = tmp_path / "run"
     calls = []
@@ -419,7 +419,7 @@ def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(tmp_path, m
     """HDF5 does not recover from a full disk met part-way (the half-written file stays open in
     the library, which crashes the process at exit), so a checkpoint the disk visibly cannot
     hold is refused before h5py opens anything: a re-save needs the old file's size, a first
-    save :func:`jewelclf.progress.weights_bytes` of the model."""
+    save :func:`jewelclf.training.checkpoints.weights_bytes` of the model."""
     model, (x, y) = _tiny_model(), _xy()
     model.fit(x, y, epochs=1, verbose=0)
     path = tmp_path / "best.weights.h5"

@@ -21,10 +21,10 @@ import tensorflow as tf
 from click.testing import CliRunner
 from export_helpers import encode, exported_tiny, noisy
 
-from jewelclf import export as ex
+from jewelclf.export import savedmodel as ex
 from jewelclf.cli import main
 from jewelclf.data.images import decode_rgb, load_image, resize_rgb
-from jewelclf.staging import Staging
+from jewelclf.export.staging import Staging
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def keras_reference(run, encoded: list[bytes]) -> np.ndarray:
 
 def keras_embedding(run, encoded: list[bytes]) -> np.ndarray:
     """``jewelclf index``'s embedding (``embedding_model``, layer pool) of the decoded bytes."""
-    from jewelclf.embedding import embedding_model
+    from jewelclf.modeling.embedding import embedding_model
 
     pixels = np.stack([load_image(tf.constant(b), run.image_size, run.resize).numpy() for b in encoded])
     return np.asarray(embedding_model(run.model, "pool")(pixels.astype(np.float32), training=False))
@@ -404,7 +404,7 @@ def test_embed_matches_the_keras_embedding_and_the_index(loaded, run, tmp_path):
     """``embed`` on bytes of several formats and odd sizes equals ``embedding_model`` on the
     same decoded pixels, and the vectors ``jewelclf index`` stores for the same files, so a
     served query vector finds its own photo in an index of the same model."""
-    from jewelclf.search import build_index, load_index
+    from jewelclf.search.index import build_index, load_index
 
     arrays = [noisy((17, 91, 3), 11, (200, 40, 40)), noisy((33, 33, 3), 12, (40, 200, 40)),
               noisy((250, 9, 3), 13, (40, 40, 200)), noisy((64, 48, 3), 14)]

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import yaml
 
-from jewelclf import export as ex
+from jewelclf.export import savedmodel as ex
 from jewelclf.errors import JewelclfError
 
 

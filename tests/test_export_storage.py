@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from export_helpers import exported_tiny
 
-from jewelclf import export as ex
+from jewelclf.export import savedmodel as ex
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
 
@@ -64,7 +64,7 @@ def test_a_live_export_of_another_host_is_kept_though_its_pid_means_nothing_here
 
 
 def test_an_unlocked_folder_is_removed_only_once_its_heartbeat_is_stale(tmp_path):
-    from jewelclf import staging
+    from jewelclf.export import staging
 
     live = staging.Staging(tmp_path)
     try:
@@ -87,7 +87,7 @@ def test_an_unlocked_folder_is_removed_only_once_its_heartbeat_is_stale(tmp_path
 
 
 def test_the_heartbeat_keeps_a_live_folder_fresh(tmp_path, monkeypatch):
-    from jewelclf import staging
+    from jewelclf.export import staging
 
     monkeypatch.setattr(staging, "HEARTBEAT_SECONDS", 0.05)
     live = staging.Staging(tmp_path)
@@ -102,7 +102,7 @@ def test_the_heartbeat_keeps_a_live_folder_fresh(tmp_path, monkeypatch):
 
 
 def test_rename_onto_an_existing_version_is_one_line_and_replaces_nothing(tmp_path):
-    from jewelclf import staging
+    from jewelclf.export import staging
 
     src = tmp_path / "src"
     src.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from jewelclf import export as ex
+from jewelclf.export import savedmodel as ex
 from jewelclf.cli import main
 
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from jewelclf.rundir import atomic_write_json, atomic_write_text
+from jewelclf.runs import atomic_write_json, atomic_write_text
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

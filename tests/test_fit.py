@@ -110,7 +110,7 @@ def test_deterministic_runs_in_two_processes_are_identical(tmp_path):
     import keras
     import numpy as np
 
-    import jewelclf.layers  # noqa: F401  registers the model's own layers for load_model
+    import jewelclf.modeling.layers  # noqa: F401  registers the model's own layers for load_model
 
     data = make_split_folder(tmp_path / "data", train=8, test=3)
     tiny_cli = Path(__file__).resolve().parent / "tiny_cli.py"
@@ -199,7 +199,7 @@ def test_second_process_is_refused_and_a_dead_one_leaves_no_lock(tmp_path):
     data = make_class_folder(tmp_path / "data", per_class=5)
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from jewelclf.rundir import run_lock\n"
+        "import sys, time; from jewelclf.runs import run_lock\n"
         f"with run_lock(__import__('pathlib').Path({str(run_dir)!r})):\n"
         "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:

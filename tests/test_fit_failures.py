@@ -9,9 +9,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import jewelclf.data.check as check_module
+import jewelclf.data.validate as check_module
 from conftest import TINY_FLAGS, make_class_folder, tiny_cnn
-from jewelclf.backbones import BACKBONES
+from jewelclf.modeling.backbones import BACKBONES
 from jewelclf.cli import main
 
 URL = "https://storage.googleapis.com/tensorflow/keras-applications/tiny/tiny_notop.h5"

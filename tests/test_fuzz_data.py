@@ -20,10 +20,10 @@ from PIL import Image
 
 from conftest import make_image
 from jewelclf.config import DataConfig
-from jewelclf.data.check import FileCheck, check_bytes
+from jewelclf.data.validate import FileCheck, check_bytes
 from jewelclf.data.images import decode_rgb, load_image
 from jewelclf.data.pipeline import decoded_dataset
-from jewelclf.data.report import check_data, fingerprint
+from jewelclf.data.audit import check_data, fingerprint
 from jewelclf.data.sources import Record, load_source
 from jewelclf.errors import JewelclfError
 

@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fuzz_data import FILES, FUZZ, MAX_PIXELS, SCALE
 
-from jewelclf.data.check import check_bytes
+from jewelclf.data.validate import check_bytes
 from jewelclf.data.formats import header_problem, recorded_limits
 from jewelclf.data.images import ANIMATED_WEBP_REASON, is_animated_webp, sniff_format
 from jewelclf.data.sources import Record

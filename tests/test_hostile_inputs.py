@@ -16,14 +16,14 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
-import jewelclf.data.check as check_mod
-import jewelclf.data.report as report_mod
+import jewelclf.data.validate as check_mod
+import jewelclf.data.audit as report_mod
 from conftest import make_class_folder, make_image
 from jewelclf.cli import main
 from jewelclf.config import DataConfig
-from jewelclf.data.check import MAX_FILE_BYTES, check_file, check_records
+from jewelclf.data.validate import MAX_FILE_BYTES, check_file, check_records
 from jewelclf.data.pipeline import decoded_dataset
-from jewelclf.data.report import check_data, find_split_leakage
+from jewelclf.data.audit import check_data, find_split_leakage
 from jewelclf.data.sources import Record, load_source
 from jewelclf.errors import JewelclfError
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import TINY_FLAGS, make_image
 
 from jewelclf import config as cfg
-from jewelclf.data.report import check_data, format_check_report
+from jewelclf.data.audit import check_data, format_check_report
 from jewelclf.data.sources import load_source
 from jewelclf.errors import JewelclfError
 
@@ -51,7 +51,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def keras_model(tmp_path_factory) -> Path:
     """An untrained ``tiny_cnn`` classifier of two classes saved as ``.keras``, with the
     ``jewelclf.json`` that ``predict`` and ``index`` read beside it (no fit needed)."""
-    from jewelclf.model import build_classifier
+    from jewelclf.modeling.classifier import build_classifier
 
     c = cfg.merge(cfg.Config(), {"model": {"backbone": "tiny_cnn", "weights": "none"},
                                  "data": {"image_size": 32}, "augment": {"enabled": False}})
@@ -67,7 +67,7 @@ def keras_model(tmp_path_factory) -> Path:
 
 def test_the_image_walker_ends_on_a_symlink_loop(tmp_path):
     d = _looped_folder(tmp_path / "d")
-    code = ("import sys; from jewelclf.predict import collect_images; "
+    code = ("import sys; from jewelclf.inference.predict import collect_images; "
             "print('\\n'.join(str(p.relative_to(sys.argv[1])) for p in collect_images([sys.argv[1]])))")
     out = _run(["-c", code, str(d)], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -191,7 +191,7 @@ def test_a_link_out_of_the_manifests_folder_is_refused(csv_root):
 
 
 def test_index_skus_follow_the_normalised_paths(tmp_path):
-    from jewelclf.search import _csv_skus
+    from jewelclf.search.index import _csv_skus
 
     p = tmp_path / "cat.csv"
     p.write_text("path,label,sku\n./img//a.jpg,ring,SKU-1\n", encoding="utf-8")
@@ -233,7 +233,7 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path, text, message):
 
 def test_a_space_file_key_given_twice_is_refused(tmp_path):
     """tune's --space file is read by the same strict loader as configs."""
-    from jewelclf.tuning import load_space
+    from jewelclf.tuning.tune import load_space
 
     p = tmp_path / "space.yaml"
     p.write_text("dropout:\n  choice: [0.1, 0.3]\ndropout:\n  choice: [0.5]\n")

@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_class_folder
 
-from jewelclf import search
+from jewelclf.search import index as search
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
-from jewelclf.search import MANIFEST, META, VECTORS, build_index, load_index
+from jewelclf.search.index import MANIFEST, META, VECTORS, build_index, load_index
 
 QUIET = {"log": lambda _: None}
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def query(catalogue):
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from jewelclf import search
+    from jewelclf.search import index as search
 
     out = Path(sys.argv[1])
     index = search.load_index(out, view=False)
@@ -239,7 +239,7 @@ def test_nan_or_infinite_vectors_in_an_index_are_refused(index, query, tiny_run,
 def test_a_model_giving_nan_embeddings_is_refused_naming_the_image(tiny_run, catalogue, tmp_path):
     import keras
 
-    import jewelclf.layers  # noqa: F401
+    import jewelclf.modeling.layers  # noqa: F401
 
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)

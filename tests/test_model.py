@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from jewelclf import config as cfg
-from jewelclf.backbones import BACKBONES, get_backbone
+from jewelclf.modeling.backbones import BACKBONES, get_backbone
 from jewelclf.errors import JewelclfError
-from jewelclf.layers import BackbonePreprocessing
-from jewelclf.model import build_classifier, feature_extractor, unfreeze_top_blocks
+from jewelclf.modeling.layers import BackbonePreprocessing
+from jewelclf.modeling.classifier import build_classifier, feature_extractor, unfreeze_top_blocks
 
 
 def _config(**model):
@@ -112,7 +112,7 @@ def test_batchnorm_stays_frozen_while_fine_tuning():
 
 
 def test_saved_model_reloads_identically(tmp_path):
-    import jewelclf.layers  # noqa: F401
+    import jewelclf.modeling.layers  # noqa: F401
 
     model = build_classifier(_config(), 3)
     x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
@@ -135,7 +135,7 @@ def test_the_model_applies_the_backbones_preprocessing_before_the_backbone():
 
 
 def test_augmentation_never_runs_at_inference():
-    from jewelclf.model import without_augmentation
+    from jewelclf.modeling.classifier import without_augmentation
 
     conf = cfg.resolve(None, {"model": {"backbone": "tiny_cnn", "weights": "none"},
                               "data": {"image_size": 32},

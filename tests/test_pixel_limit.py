@@ -22,7 +22,7 @@ from PIL import Image
 
 from jewelclf.cli import main
 from jewelclf.data import formats, images
-from jewelclf.predict import read_image_file
+from jewelclf.inference.predict import read_image_file
 
 
 # As the serving graphs run them (eagerly, the JPEG walk's loop would run op by op in Python).

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from jewelclf import plots
+from jewelclf.evaluation import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIELDS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",

@@ -25,8 +25,8 @@ from conftest import TINY_FLAGS, make_split_folder
 from jewelclf import config as cfg
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
-from jewelclf.model import build_classifier
-from jewelclf.training import _compile, frozen_features, precision_policy, resolve_precision
+from jewelclf.modeling.classifier import build_classifier
+from jewelclf.training.trainer import _compile, frozen_features, precision_policy, resolve_precision
 
 TESTS = Path(__file__).resolve().parent
 SHORT = [*TINY_FLAGS, "--epochs", "2", "--fine-tune-epochs", "1", "--unfreeze-blocks", "1"]
@@ -143,7 +143,7 @@ def test_fit_under_mixed_float16_with_cached_features(tmp_path):
     assert (saved["precision"], saved["jit_compile"], saved["distribute"]) == (
         "mixed_float16", "off", "none")
     assert (run_dir / "metrics.json").is_file()
-    import jewelclf.layers  # noqa: F401  registers the custom layers
+    import jewelclf.modeling.layers  # noqa: F401  registers the custom layers
 
     model = keras.saving.load_model(run_dir / "model.keras")
     # The saved layers keep their policy: the backbone's convolutions compute in float16.

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from conftest import make_image
 from export_helpers import exported_tiny
 
-from jewelclf import predict as pr
+from jewelclf.inference import predict as pr
 from jewelclf.cli import main
 
 
@@ -78,7 +78,7 @@ def test_predict_savedmodel_table_json_and_bad_files(exported, images):
 
 def test_local_formats_agree(exported, images, tiny_run, tmp_path):
     """The SavedModel, the run dir's .keras, and a TFLite export give the same answers."""
-    from jewelclf.export import export_tflite
+    from jewelclf.export.savedmodel import export_tflite
 
     files = [images / name for name in GOOD]
     saved = pr.predict_files(pr.load_predictor(exported), files, top_k=3)

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from conftest import make_split_folder
 from jewelclf.cli import main
-from jewelclf.plateau import ResumedEarlyStopping
+from jewelclf.training.plateau import ResumedEarlyStopping
 
 TESTS = Path(__file__).resolve().parent
 FLAGS = ["--backbone", "tiny_cnn", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -42,7 +42,7 @@ KILLER = f"""
 import os, signal, sys
 sys.path.insert(0, {str(TESTS)!r})
 import conftest  # noqa: F401  registers tiny_cnn
-from jewelclf import progress
+from jewelclf.training import checkpoints as progress
 from jewelclf.cli import main
 
 phase, epoch, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

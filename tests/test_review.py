@@ -25,7 +25,7 @@ from conftest import TEXTURES, make_texture, make_texture_folder, tiny_cnn
 from PIL import Image
 
 from jewelclf.cli import main
-from jewelclf.review_report import render_sheet
+from jewelclf.review.sheet import render_sheet
 
 CLASSES = list(TEXTURES)
 
@@ -230,7 +230,7 @@ def test_contact_sheet_escapes_every_string(noisy, reviewed):
 
 def test_small_classes_lower_the_folds_and_a_single_image_is_an_error():
     from jewelclf.errors import JewelclfError
-    from jewelclf.review import _usable_folds
+    from jewelclf.review.label_issues import _usable_folds
 
     notes: list[str] = []
     assert _usable_folds(np.array([0, 0, 0, 1, 1, 1, 1, 1]), ["a", "b"], 5, notes.append) == 3

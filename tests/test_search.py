@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import make_class_folder, make_image
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
-from jewelclf.search import (ANN_FILE, MANIFEST, META, VECTORS, build_index, exact_search,
+from jewelclf.search.index import (ANN_FILE, MANIFEST, META, VECTORS, build_index, exact_search,
                              load_index)
 
 QUIET = {"log": lambda _: None}
@@ -87,9 +87,9 @@ def test_index_writes_vectors_manifest_and_meta(built, tiny_run):
 
 def test_index_vectors_are_the_keras_embeddings(built, tiny_run, catalogue):
     from jewelclf.data.images import load_image
-    from jewelclf.embedding import embedding_model
+    from jewelclf.modeling.embedding import embedding_model
 
-    import jewelclf.layers  # noqa: F401
+    import jewelclf.modeling.layers  # noqa: F401
     import tensorflow as tf
 
     out, _ = built
@@ -261,7 +261,7 @@ def test_similar_skips_unreadable_queries_and_fails_when_none_is_readable(built,
 
 
 def test_similar_refuses_an_index_whose_model_changed(tiny_run, catalogue, tmp_path):
-    import jewelclf.layers  # noqa: F401
+    import jewelclf.modeling.layers  # noqa: F401
 
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)
@@ -333,7 +333,7 @@ def test_group_column_is_the_sku(tiny_run, tmp_path):
 
 
 def test_manifest_rows_read_back_alone_whatever_the_path(tmp_path):
-    from jewelclf.search import Item, SearchIndex, _manifest_bytes
+    from jewelclf.search.index import Item, SearchIndex, _manifest_bytes
 
     items = [Item(0, "rings/plain.jpg", "/c/rings/plain.jpg", "ring"),
              Item(3, 'rings/comma, "quote".jpg', '/c/rings/comma, "quote".jpg', "ring", "SKU,1"),

@@ -8,15 +8,15 @@ import tensorflow as tf
 
 from conftest import make_image
 from jewelclf.config import Config
-from jewelclf.embedding import (L2Normalize, embedding_and_probabilities, embedding_dim,
+from jewelclf.modeling.embedding import (L2Normalize, embedding_and_probabilities, embedding_dim,
                                 embedding_model, l2_normalize)
 from jewelclf.errors import JewelclfError
-from jewelclf.model import build_classifier, feature_extractor
+from jewelclf.modeling.classifier import build_classifier, feature_extractor
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_run):
-    import jewelclf.layers  # noqa: F401
+    import jewelclf.modeling.layers  # noqa: F401
 
     return keras.saving.load_model(tiny_run / "model.keras", compile=False)
 
@@ -85,7 +85,7 @@ def test_embed_signature_bytes_in_matches_the_keras_embedding(tiny_run, tiny_mod
 
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import load_source
-    from jewelclf.search import embed_records
+    from jewelclf.search.index import embed_records
 
     emb = embedding_model(tiny_model)
     exported = exported_tiny(tiny_run, tmp_path_factory)

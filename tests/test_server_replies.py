@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_image
 
-from jewelclf import serving_client
+from jewelclf.inference import serving_client
 from jewelclf.cli import main
 
 TIMEOUT = 2.0

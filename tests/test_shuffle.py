@@ -10,7 +10,7 @@ from jewelclf import config as cfg
 from jewelclf.data.images import load_image
 from jewelclf.data.pipeline import decoded_dataset, shuffled_dataset
 from jewelclf.data.sources import load_source
-from jewelclf.training import PreparedData, make_datasets
+from jewelclf.training.trainer import PreparedData, make_datasets
 
 
 def _epoch(ds) -> list[int]:

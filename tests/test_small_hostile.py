@@ -20,10 +20,10 @@ import tensorflow as tf
 from click.testing import CliRunner
 from conftest import make_image
 
-from jewelclf import predict as pr
-from jewelclf import rundir
+from jewelclf.inference import predict as pr
+from jewelclf import runs as rundir
 from jewelclf.cli import main
-from jewelclf.data.check import check_bytes
+from jewelclf.data.validate import check_bytes
 from jewelclf.data.sources import Record
 from jewelclf.display import error_text, quote_name
 from jewelclf.errors import JewelclfError
@@ -194,7 +194,7 @@ _WORKER = """
 import sys
 from pathlib import Path
 from jewelclf.errors import JewelclfError
-from jewelclf.rundir import run_lock
+from jewelclf.runs import run_lock
 run_dir, counter = Path(sys.argv[1]), Path(sys.argv[2])
 won = 0
 for _ in range(int(sys.argv[3])):

@@ -18,8 +18,8 @@ import pytest
 from conftest import make_class_folder
 from jewelclf import config as cfg
 from jewelclf.data.sources import load_source
-from jewelclf.model import build_classifier
-from jewelclf.training import PreparedData, make_datasets, train_model, train_stage2
+from jewelclf.modeling.classifier import build_classifier
+from jewelclf.training.trainer import PreparedData, make_datasets, train_model, train_stage2
 
 LR = 1e-3
 
@@ -121,7 +121,7 @@ def test_no_better_epoch_restores_the_starting_weights(tmp_path, monkeypatch):
 
 
 def test_batchnorm_statistics_are_the_pretrained_ones_bit_for_bit_after_stage2(tmp_path, monkeypatch):
-    from jewelclf import training
+    from jewelclf.training import trainer as training
 
     src = load_source(str(make_class_folder(tmp_path / "d", per_class=8)))
     config = cfg.resolve(None, {

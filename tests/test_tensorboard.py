@@ -15,9 +15,9 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from conftest import TINY_FLAGS, make_split_folder
-from jewelclf import training
+from jewelclf.training import trainer as training
 from jewelclf.cli import main
-from jewelclf.tensorboard_logs import EpochTensorBoard, tensorboard_callbacks
+from jewelclf.training.tensorboard import EpochTensorBoard, tensorboard_callbacks
 
 FLAGS = [*TINY_FLAGS, "--epochs", "3", "--fine-tune-epochs", "4", "--unfreeze-blocks", "2"]
 

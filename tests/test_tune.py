@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from conftest import make_split_folder, tiny_tune_files
 from jewelclf.cli import main
 from jewelclf.config import from_dict, resolve
-from jewelclf.tuning import TwoStageHyperModel
+from jewelclf.tuning.tune import TwoStageHyperModel
 
 TESTS = Path(__file__).resolve().parent
 HEAD_ONLY = {"unfreeze_blocks": {"choice": [0]}}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jewelclf import export as ex
+from jewelclf.export import savedmodel as ex
 
 
 def _refusing_empty(fn):

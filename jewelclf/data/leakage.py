@@ -1,12 +1,12 @@
 """The leakage check of ``fit``: the same image in two splits inflates the test scores.
 
-``fit`` runs the fast part of the data check (the hashes of :mod:`jewelclf.data.report`,
+``fit`` runs the fast part of the data check (the hashes of :mod:`jewelclf.data.audit`,
 without its full decode) on the files it kept, after their splits are assigned:
 
 - **byte-identical** files (same SHA-256) in more than one split are certain leakage: ``fit``
   refuses them, unless ``data.allow_leakage`` is set (``--allow-leakage``);
 - **near-identical** files (the 256-bit perceptual hash within
-  :data:`~jewelclf.data.report.NEAR_DUPLICATE_DISTANCE` bits: the same photo resized or
+  :data:`~jewelclf.data.audit.NEAR_DUPLICATE_DISTANCE` bits: the same photo resized or
   re-encoded) in more than one split are a warning only, as a perceptual hash can also match
   two distinct product shots on a plain background; ``jewelclf check DATA`` shows the pairs.
   ``data.near_duplicate_check: false`` skips them.
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from jewelclf.config import DataConfig
-from jewelclf.data.check import FileCheck
-from jewelclf.data.report import (
+from jewelclf.data.validate import FileCheck
+from jewelclf.data.audit import (
     NEAR_DUPLICATE_DISTANCE,
     Fingerprint,
     _show,
@@ -97,7 +97,7 @@ class SplitLeakage:
     seconds: float
     exact_groups: list[dict] = field(default_factory=list)
     """Groups of byte-identical files in more than one split (the dicts of
-    :func:`jewelclf.data.report.duplicate_groups`: ``files``, ``splits``, ``leaks``, ...)."""
+    :func:`jewelclf.data.audit.duplicate_groups`: ``files``, ``splits``, ``leaks``, ...)."""
     near_groups: list[dict] = field(default_factory=list)
     """Groups of near-identical files in more than one split."""
     near_checked: bool = True
@@ -211,7 +211,7 @@ def carved_splits(source_records: list[Record]) -> frozenset[str]:
 def leakage_hasher(data_config: DataConfig | None = None
                    ) -> tuple[dict[Record, Fingerprint], Callable[[Record, bytes, FileCheck], None]]:
     """``(fingerprints, on_bytes)``: pass ``on_bytes`` to
-    :func:`jewelclf.data.check.check_records` and it fills ``fingerprints`` with the hashes of
+    :func:`jewelclf.data.validate.check_records` and it fills ``fingerprints`` with the hashes of
     :func:`check_split_leakage` for each file that passes the check, from the bytes the check
     read (in its worker threads); then pass ``fingerprints`` to :func:`check_split_leakage`.
     """
@@ -313,6 +313,6 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
 def write_leakage_report(finding: SplitLeakage, path: str | Path, allowed: bool | None = None) -> None:
     """Write the findings as JSON (atomically: a temp file and a rename), e.g. the run's
     ``leakage.json``."""
-    from jewelclf.rundir import atomic_write_json
+    from jewelclf.runs import atomic_write_json
 
     atomic_write_json(Path(path), finding.to_dict(allowed))

@@ -56,7 +56,7 @@ def _tfds_encoded(source: DataSource, records: list[Record]) -> tf.data.Dataset:
 
 
 def tfds_bytes(source: DataSource):
-    """A ``read_bytes`` function for :func:`jewelclf.data.check.check_records` over TFDS."""
+    """A ``read_bytes`` function for :func:`jewelclf.data.validate.check_records` over TFDS."""
 
     def read(records: list[Record]) -> Iterator[tuple[Record, bytes]]:
         by_key = {r.key: r for r in records}

@@ -374,8 +374,8 @@ def load_model_file(path: Path, num_classes: int | None = None):
     """
     import keras
 
-    import jewelclf.embedding  # noqa: F401  (registers L2Normalize for loading)
-    import jewelclf.layers  # noqa: F401  (registers BackbonePreprocessing for loading)
+    import jewelclf.modeling.embedding  # noqa: F401  (registers L2Normalize for loading)
+    import jewelclf.modeling.layers  # noqa: F401  (registers BackbonePreprocessing for loading)
 
     path = Path(path)
     try:

@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from jewelclf import rundir as rd
+from jewelclf import runs as rd
 from jewelclf.config import Config
 from jewelclf.errors import JewelclfError
-from jewelclf.tuning import (BEST_CONFIG, HYPERPARAMETERS, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV,
+from jewelclf.tuning.tune import (BEST_CONFIG, HYPERPARAMETERS, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV,
                              Space, config_for)
 
 METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "seconds", "rss_mb", "peak_rss_mb")

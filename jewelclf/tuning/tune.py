@@ -2,12 +2,12 @@
 
 The search is keras-tuner's own: its Hyperband, RandomSearch and BayesianOptimization tuners
 and oracles, its state files (which make ``--resume`` work) and its distributed mode. jewelclf
-supplies a :class:`keras_tuner.HyperModel` whose ``build`` is :func:`jewelclf.model.build_classifier`
-and whose ``fit`` is :func:`jewelclf.training.train_model`, the one training path of ``fit``.
+supplies a :class:`keras_tuner.HyperModel` whose ``build`` is :func:`jewelclf.modeling.classifier.build_classifier`
+and whose ``fit`` is :func:`jewelclf.training.trainer.train_model`, the one training path of ``fit``.
 
 Fast mode: when stage 1 trains the head on the frozen backbone's pooled features (no stage-1
 augmentation), those features are the same for every trial. They are computed once per search
-and handed to each trial through :attr:`jewelclf.training.Datasets.features`, so a head-only
+and handed to each trial through :attr:`jewelclf.training.trainer.Datasets.features`, so a head-only
 trial costs seconds instead of a pass through the backbone.
 
 Hyperband's budget is the position in the schedule: epochs ``1..S1`` are stage 1 and
@@ -34,12 +34,12 @@ import keras_tuner as kt
 import numpy as np
 import yaml
 
-from jewelclf import rundir as rd
-from jewelclf.backbones import get_backbone
+from jewelclf import runs as rd
+from jewelclf.modeling.backbones import get_backbone
 from jewelclf.config import Config, from_dict, merge, parse_yaml, set_dotted, validate
 from jewelclf.errors import JewelclfError
-from jewelclf.model import image_size
-from jewelclf.tensorboard_logs import TENSORBOARD_DIR
+from jewelclf.modeling.classifier import image_size
+from jewelclf.training.tensorboard import TENSORBOARD_DIR
 
 Log = Callable[[str], None]
 
@@ -318,16 +318,16 @@ class TwoStageHyperModel(kt.HyperModel):
         self.datasets, self.log = datasets, log
 
     def build(self, hp):
-        from jewelclf.model import build_classifier
+        from jewelclf.modeling.classifier import build_classifier
 
         values = declare(hp, self.space, self.config)
         return build_classifier(config_for(self.config, values), len(self.class_names))
 
     def fit(self, hp, model, *args, trial_dir, executions=None, checkpoint=None, epochs=None,
             initial_epoch=0, **kwargs):
-        from jewelclf.evaluation import compute_metrics
-        from jewelclf.model import HEAD
-        from jewelclf.training import train_model
+        from jewelclf.evaluation.evaluate import compute_metrics
+        from jewelclf.modeling.classifier import HEAD
+        from jewelclf.training.trainer import train_model
 
         initial_epoch = initial_epoch or 0
         budget = (initial_epoch, epochs) if epochs is not None else None
@@ -422,7 +422,7 @@ class _TrialHooks:
         # keras-tuner imports tensorboard here even when no TensorBoard callback is used, and
         # TensorFlow 2.21 no longer installs tensorboard. jewelclf passes keras-tuner no such
         # callback: train_model writes each trial's logs itself, into its work folder
-        # (search/trial_<id>/tensorboard/stage1 and stage2, see jewelclf.tensorboard_logs).
+        # (search/trial_<id>/tensorboard/stage1 and stage2, see jewelclf.training.tensorboard).
         if any(type(cb).__name__ == "TensorBoard" for cb in callbacks):
             super()._configure_tensorboard_dir(callbacks, trial, execution)
 
@@ -554,7 +554,7 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
     Trials run under ``train.precision``'s dtype policy (restored afterwards); a config with
     ``train.distribute`` other than ``none`` is refused, before ``run_dir`` is touched.
     """
-    from jewelclf.training import describe_precision, precision_policy
+    from jewelclf.training.trainer import describe_precision, precision_policy
 
     role = distributed_role()
     run_dir = Path(run_dir)
@@ -587,9 +587,9 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
             log: Log) -> dict[str, Any]:
     """The body of :func:`tune` once its config, space and settings are settled, under the
     run's precision policy."""
-    from jewelclf import tune_report
-    from jewelclf.model import build_classifier
-    from jewelclf.training import (frozen_features, make_datasets, prepare_data,
+    from jewelclf.tuning import report as tune_report
+    from jewelclf.modeling.classifier import build_classifier
+    from jewelclf.training.trainer import (frozen_features, make_datasets, prepare_data,
                                    stage1_uses_cached_features)
 
     if config.train.stage1.epochs + config.train.stage2.epochs == 0:

@@ -25,7 +25,7 @@ An index folder holds:
 
 An index is never written in place: a new version is written into a hidden folder beside it,
 then swapped in; a process killed during the swap is finished by the next open or update, and
-everything read back is checked (:mod:`jewelclf.search_store`).
+everything read back is checked (:mod:`jewelclf.search.store`).
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 
 from jewelclf import bars
-from jewelclf import rundir as rd
-from jewelclf import search_store as store
+from jewelclf import runs as rd
+from jewelclf.search import store
 from jewelclf.errors import JewelclfError
-from jewelclf.search_store import INDEX_FORMAT, MANIFEST, MANIFEST_FIELDS, META, VECTORS
+from jewelclf.search.store import INDEX_FORMAT, MANIFEST, MANIFEST_FIELDS, META, VECTORS
 
 Log = Callable[[str], None]
 
@@ -681,9 +681,9 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
     then SHA-256), and drops items whose files are gone. It refuses an index made with another
     model or layer unless ``rebuild``.
     """
-    from jewelclf.data.check import check_records
+    from jewelclf.data.validate import check_records
     from jewelclf.data.sources import load_source
-    from jewelclf.embedding import embedding_model
+    from jewelclf.modeling.embedding import embedding_model
 
     t0 = time.perf_counter()
     output = Path(output)
@@ -931,10 +931,10 @@ def embed_query_images(model, paths: Sequence[str], layer: str, size: int, resiz
     """(vectors ``[n, D]``, probabilities ``[n, C]``, readable paths, errors) for query files."""
     import tensorflow as tf
 
-    from jewelclf.data.check import check_file
+    from jewelclf.data.validate import check_file
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import Record
-    from jewelclf.embedding import embedding_and_probabilities
+    from jewelclf.modeling.embedding import embedding_and_probabilities
 
     both = embedding_and_probabilities(model, layer)
     ok_paths, pixels, errors = [], [], []

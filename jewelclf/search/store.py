@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jewelclf.errors import JewelclfError
-from jewelclf.rundir import _fsync_dir
+from jewelclf.runs import _fsync_dir
 
 INDEX_FORMAT = 1
 META = "meta.json"

@@ -9,7 +9,7 @@ exactly as its documentation describes::
     {"signature_name": "serving_default", "instances": [{"b64": "<base64 image bytes>"}, ...]}
 
 and the row-format answer ``{"predictions": [{"classes": [...], "scores": [...], ...}, ...]}``
-is printed as the same table (:mod:`jewelclf.serving_client` checks every reply). A file that
+is printed as the same table (:mod:`jewelclf.inference.serving_client` checks every reply). A file that
 cannot be read or decoded is reported on its own line; the other images are still predicted.
 """
 
@@ -240,7 +240,7 @@ class KerasPredictor(PixelModelPredictor):
 
     def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int,
                  temperature: float = 1.0):
-        from jewelclf.rundir import load_model_file
+        from jewelclf.runs import load_model_file
 
         super().__init__(image_size, resize, class_names, k)
         self.model = load_model_file(path, len(class_names))
@@ -248,15 +248,15 @@ class KerasPredictor(PixelModelPredictor):
         self.description = f"Keras model {path}"
 
     def _probabilities(self, pixels):
-        from jewelclf.calibration import scale
-        from jewelclf.export import keras_probabilities
+        from jewelclf.evaluation.calibration import scale
+        from jewelclf.export.savedmodel import keras_probabilities
 
         return scale(keras_probabilities(self.model, pixels), self.temperature)
 
 
 class TFLitePredictor(PixelModelPredictor):
     def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int):
-        from jewelclf.export import tflite_interpreter
+        from jewelclf.export.savedmodel import tflite_interpreter
 
         super().__init__(image_size, resize, class_names, k)
         try:
@@ -267,7 +267,7 @@ class TFLitePredictor(PixelModelPredictor):
         self.description = f"TFLite model {path}"
 
     def _probabilities(self, pixels):
-        from jewelclf.export import tflite_probabilities
+        from jewelclf.export.savedmodel import tflite_probabilities
 
         return tflite_probabilities(self.interpreter, pixels)
 
@@ -282,7 +282,7 @@ def _read_json(path: Path) -> Any:
 
 def _pixel_model_info(folder: Path) -> dict[str, Any]:
     """image_size, resize, class_names and top_k from ``jewelclf.json`` or a run dir."""
-    from jewelclf.export import INFO
+    from jewelclf.export.savedmodel import INFO
 
     info_path = folder / INFO
     if info_path.is_file():
@@ -293,7 +293,7 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
         return info
     if (folder / "config.yaml").is_file() and (folder / "class_names.json").is_file():
         from jewelclf import config as config_mod
-        from jewelclf.model import image_size as config_image_size
+        from jewelclf.modeling.classifier import image_size as config_image_size
 
         config = config_mod.from_dict(config_mod.load_yaml(folder / "config.yaml"),
                                       source=str(folder / "config.yaml"))
@@ -305,8 +305,8 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
             size = config_image_size(config)
         except JewelclfError:
             size = None
-        from jewelclf import calibration
-        from jewelclf.rundir import CALIBRATION
+        from jewelclf.evaluation import calibration
+        from jewelclf.runs import CALIBRATION
 
         fitted = calibration.read(folder / CALIBRATION)
         return {"class_names": names, "image_size": size, "resize": config.data.resize,
@@ -322,7 +322,7 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
 def load_predictor(model: str | Path) -> Predictor:
     """A predictor for MODEL: a SavedModel (version or base folder), a run dir, an export
     folder of ``--format keras``/``tflite``, or a ``.keras``/``.tflite`` file."""
-    from jewelclf.export import list_versions
+    from jewelclf.export.savedmodel import list_versions
 
     path = Path(model).expanduser()
     if not path.exists():
@@ -451,7 +451,7 @@ def run_predict(model: str | None, images: list[str], top_k: int | None = None,
         if not server_model:
             raise JewelclfError("--server needs --model NAME, the model name TF Serving serves")
         paths = ([model] if model else []) + list(images)
-        from jewelclf.serving_client import ServerPredictor
+        from jewelclf.inference.serving_client import ServerPredictor
 
         predictor: Predictor = ServerPredictor(server, server_model, version, timeout=timeout)
     else:

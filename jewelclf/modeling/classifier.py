@@ -25,9 +25,9 @@ import contextlib
 
 import keras
 
-from jewelclf.backbones import BackboneSpec, get_backbone
+from jewelclf.modeling.backbones import BackboneSpec, get_backbone
 from jewelclf.config import Config
-from jewelclf.layers import BackbonePreprocessing, build_augmentation
+from jewelclf.modeling.layers import BackbonePreprocessing, build_augmentation
 
 BACKBONE = "backbone"
 HEAD = "head"

@@ -185,7 +185,7 @@ def check_records(records: list[Record], max_pixels: int, min_side: int, workers
 
     ``read_bytes`` maps records to their encoded bytes for sources that are not files (TFDS).
     ``on_bytes(record, data, check)``, if given, is called (in the worker thread) for every
-    record whose bytes could be read; :mod:`jewelclf.data.report` hashes them there. A progress
+    record whose bytes could be read; :mod:`jewelclf.data.audit` hashes them there. A progress
     bar named ``desc`` shows on a terminal (:mod:`jewelclf.bars`).
     """
     out: list[FileCheck] = []

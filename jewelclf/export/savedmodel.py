@@ -21,7 +21,7 @@
 
     A third signature, ``embed``, serves visual search: the same ``images`` input, decoded like
     ``serving_default``, and ``embedding`` (float32 ``[batch, D]``, L2-normalised), ``valid`` and
-    ``error``. The vector is :func:`jewelclf.embedding.embedding_model` of the run's model, the
+    ``error``. The vector is :func:`jewelclf.modeling.embedding.embedding_model` of the run's model, the
     very function ``jewelclf index`` embeds a catalogue with (layer ``pool`` by default), so a
     served query vector can be searched against an index of the same model. Invalid items get a
     zero vector.
@@ -31,7 +31,7 @@
     renamed into place, so TF Serving never sees half a model and a failed check leaves nothing.
     The temp folder is locked while its export lives, so exports from other hosts sharing the
     folder leave it alone, and it holds the parity check's files too; the parity process dies
-    with the export (:mod:`jewelclf.staging`).
+    with the export (:mod:`jewelclf.export.staging`).
 
 ``tflite``
     One ``model_<mode>.tflite`` per quantization mode, through Keras' LiteRT exporter (TF's
@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from jewelclf.errors import JewelclfError
-from jewelclf.staging import (  # noqa: F401  (TMP_PREFIX: re-exported)
+from jewelclf.export.staging import (  # noqa: F401  (TMP_PREFIX: re-exported)
     PARENT_ENV,
     TMP_PREFIX,
     WATCH_PARENT,
@@ -120,7 +120,7 @@ class RunModel:
 
     def embedder(self):
         """The Keras embedding (float32 pixels -> unit vectors) that ``jewelclf index`` uses."""
-        from jewelclf.embedding import embedding_model
+        from jewelclf.modeling.embedding import embedding_model
 
         return embedding_model(self.model, self.embed_layer)
 
@@ -149,7 +149,7 @@ def require_tensorflow_backend() -> None:
 def load_run(run_dir: Path) -> RunModel:
     """Load a finished run's Keras model, class names and input settings."""
     from jewelclf import config as config_mod
-    from jewelclf import rundir as rd
+    from jewelclf import runs as rd
 
     run_dir = Path(run_dir)
     info = rd.require_finished_run(run_dir)
@@ -185,7 +185,7 @@ class LabelledImage:
 
 
 def _read_splits(run_dir: Path) -> list[dict[str, str]]:
-    from jewelclf.rundir import SPLITS
+    from jewelclf.runs import SPLITS
 
     path = Path(run_dir) / SPLITS
     if not path.is_file():
@@ -213,12 +213,12 @@ def _round_robin(rows: list, label_of: Callable[[Any], str], n: int) -> list:
 def _read_records(source, records, cfg) -> list[tuple[Any, bytes | None, str]]:
     """(record, bytes or None, reason) for each record, checked with the training data check
     under ``cfg`` (the run's :class:`jewelclf.config.DataConfig`: its pixel and side limits)."""
-    from jewelclf.data.check import check_records
+    from jewelclf.data.validate import check_records
     from jewelclf.data.pipeline import tfds_bytes
 
     if source.tfds is not None:
         pairs = list(tfds_bytes(source)(records))
-        from jewelclf.data.check import check_bytes
+        from jewelclf.data.validate import check_bytes
 
         return [(r, b, "") if check_bytes(r, b, cfg.max_pixels, cfg.min_image_side).ok
                 else (r, None, "unreadable") for r, b in pairs]
@@ -477,14 +477,14 @@ def build_archive(run: RunModel):
 
 def embedding_info(run: RunModel) -> dict[str, Any]:
     """What identifies the ``embed`` vectors: compare with an index's ``meta.json``."""
-    from jewelclf import rundir as rd
-    from jewelclf.embedding import embedding_dim
+    from jewelclf import runs as rd
+    from jewelclf.modeling.embedding import embedding_dim
 
     info = {"layer": run.embed_layer, "dim": embedding_dim(run.model, run.embed_layer),
             "metric": "cosine (dot product of unit vectors)"}
     model_file = Path(run.run_dir) / rd.MODEL
     if model_file.is_file():  # the index records the same (meta.json "model" "sha256")
-        from jewelclf.search import model_fingerprint
+        from jewelclf.search.index import model_fingerprint
 
         info["model_sha256"] = model_fingerprint(model_file)["sha256"]
     return info
@@ -796,7 +796,7 @@ def list_versions(base: Path) -> list[int]:
 def cleanup_stale_temp(base: Path, log: Log = print, now: float | None = None,
                        keep: Path | None = None) -> list[str]:
     """Delete temp folders left by exports that are gone (killed, crashed, on any host): their
-    lock is free and their heartbeat old (:func:`jewelclf.staging.cleanup_stale`)."""
+    lock is free and their heartbeat old (:func:`jewelclf.export.staging.cleanup_stale`)."""
     return cleanup_stale(base, log, now, keep)
 
 
@@ -836,14 +836,14 @@ def batching_parameters_text(cpus: int | None = None) -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write, readable by others (a server may run as another user)."""
-    from jewelclf.rundir import atomic_write_json
+    from jewelclf.runs import atomic_write_json
 
     atomic_write_json(path, obj)
     os.chmod(path, 0o644)
 
 
 def _write_if_absent(path: Path, text: str, log: Log) -> None:
-    from jewelclf.rundir import atomic_write_text
+    from jewelclf.runs import atomic_write_text
 
     if path.exists():
         log(f"kept the existing {path}")
@@ -866,8 +866,8 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
     ``jewelclf index --layer``). Returns the export report, also written as
     ``<output>/<version>/export_report.json``.
     """
-    from jewelclf import rundir as rd
-    from jewelclf.embedding import embedding_dim
+    from jewelclf import runs as rd
+    from jewelclf.modeling.embedding import embedding_dim
 
     require_tensorflow_backend()
     run_dir = Path(run_dir)
@@ -1014,7 +1014,7 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
     """One ``model_<mode>.tflite`` per mode, with a report on size, agreement and accuracy."""
     import keras
 
-    from jewelclf import rundir as rd
+    from jewelclf import runs as rd
 
     require_tensorflow_backend()
     modes = list(dict.fromkeys(QUANTIZE_MODES if "all" in modes else (modes or ["none"])))
@@ -1099,7 +1099,7 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
 def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | None = None,
                  overwrite: bool = False, log: Log = print) -> dict[str, Any]:
     """Copy ``model.keras`` with its class names and input description; check the copy loads."""
-    from jewelclf import rundir as rd
+    from jewelclf import runs as rd
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
@@ -1112,7 +1112,7 @@ def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | N
     diff = float(np.abs(keras_probabilities(copy, pixels) - keras_probabilities(run.model, pixels)).max())
     info = {"format": "keras", **run.describe(),
             "input": f"float32 [batch, {run.image_size}, {run.image_size}, 3] RGB pixels 0..255, "
-                     f"resized with '{run.resize}'; import jewelclf.layers before loading",
+                     f"resized with '{run.resize}'; import jewelclf.modeling.layers before loading",
             "output": "float32 [batch, classes] probabilities in class_names order"}
     _write_json(out_dir / INFO, info)
     _write_json(out_dir / CLASS_NAMES, run.class_names)

@@ -1,6 +1,6 @@
 """``jewelclf review``'s contact sheet: one self-contained page of the suspected label errors.
 
-Built from the pieces of ``similar --html`` (:mod:`jewelclf.search_report`): the same embedded
+Built from the pieces of ``similar --html`` (:mod:`jewelclf.search.html`): the same embedded
 thumbnails and figure layout. Every string from the data (paths, labels, the run's name) is
 HTML-escaped, so a file named ``<script>.jpg`` shows as text.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from jewelclf.search_report import _STYLE, _figure
+from jewelclf.search.html import _STYLE, _figure
 
 SHEET_LIMIT = 500
 """Suspects shown with a thumbnail at most; ``label_issues.csv`` lists them all."""

@@ -2,7 +2,7 @@
 
 An entry knows how to build its Keras application without the classification top, which
 pixel normalisation the ImageNet weights expect (applied inside the model by
-:class:`jewelclf.layers.BackbonePreprocessing`), the width of its pooled features, its default
+:class:`jewelclf.modeling.layers.BackbonePreprocessing`), the width of its pooled features, its default
 and minimum image size, and how its layers group into blocks for progressive unfreezing.
 """
 
@@ -25,7 +25,7 @@ class BackboneSpec:
     name: str
     constructor: Callable[..., keras.Model]
     preprocessing: str
-    """Pixel normalisation mode of :class:`~jewelclf.layers.BackbonePreprocessing`."""
+    """Pixel normalisation mode of :class:`~jewelclf.modeling.layers.BackbonePreprocessing`."""
     feature_size: int
     default_image_size: int
     min_image_size: int

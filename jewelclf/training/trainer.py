@@ -40,10 +40,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jewelclf import rundir as rd
-from jewelclf.backbones import get_backbone
+from jewelclf import runs as rd
+from jewelclf.modeling.backbones import get_backbone
 from jewelclf.config import Config
-from jewelclf.data.check import check_records, write_rejected
+from jewelclf.data.validate import check_records, write_rejected
 from jewelclf.data.leakage import (carved_splits, check_split_leakage, leakage_hasher,
                                    write_leakage_report)
 from jewelclf.data.pipeline import (batched, choose_cache, decoded_dataset, permuted, shuffled_dataset,
@@ -51,14 +51,14 @@ from jewelclf.data.pipeline import (batched, choose_cache, decoded_dataset, perm
 from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
 from jewelclf.errors import JewelclfError
-from jewelclf.evaluation import (calibrate_run, format_report, prediction_rows, score,
+from jewelclf.evaluation.evaluate import (calibrate_run, format_report, prediction_rows, score,
                                  write_evaluation)
-from jewelclf.model import (HEAD, build_classifier, check_weights, feature_extractor, image_size,
+from jewelclf.modeling.classifier import (HEAD, build_classifier, check_weights, feature_extractor, image_size,
                             unfreeze_top_blocks, without_augmentation)
-from jewelclf.plateau import ResumedEarlyStopping, StagePlateau
-from jewelclf.progress import (AtomicModelCheckpoint, Progress, changed_content, save_content,
+from jewelclf.training.plateau import ResumedEarlyStopping, StagePlateau
+from jewelclf.training.checkpoints import (AtomicModelCheckpoint, Progress, changed_content, save_content,
                                trim_history)
-from jewelclf.tensorboard_logs import tensorboard_callbacks
+from jewelclf.training.tensorboard import tensorboard_callbacks
 
 Log = Callable[[str], None]
 
@@ -155,7 +155,7 @@ class HistoryRecorder(keras.callbacks.Callback):
     """Append one row per epoch to ``history.csv`` as it ends, tagged with the phase.
 
     A resumed phase starts with the rows its earlier attempt wrote (see
-    :func:`jewelclf.progress.trim_history`), so :attr:`rows` always covers the whole phase.
+    :func:`jewelclf.training.checkpoints.trim_history`), so :attr:`rows` always covers the whole phase.
     """
 
     FIELDS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy",
@@ -447,7 +447,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
 
     Each step starts from the best weights so far (by val_loss), recompiles (a new optimizer
     for the new trainable set) and trains its share of the epochs. Patience and the plateau's
-    learning-rate cuts count over the whole stage (:class:`jewelclf.plateau.StagePlateau`):
+    learning-rate cuts count over the whole stage (:class:`jewelclf.training.plateau.StagePlateau`):
     ``train.stage2.patience`` epochs in a row without a lower val_loss end stage 2, and so does
     a step that does not improve on the best. The best weights are restored at the end, and the
     summary gives the figures of that epoch. With ``progress``, finished steps are skipped and an
@@ -649,7 +649,7 @@ def precision_policy(precision: str):
 
     Models built inside the block take the policy: under ``mixed_*`` layers compute in
     float16/bfloat16 with float32 weights, and the softmax stays float32
-    (:func:`jewelclf.model.build_head`). ``compile`` wraps the optimizer in a
+    (:func:`jewelclf.modeling.classifier.build_head`). ``compile`` wraps the optimizer in a
     ``LossScaleOptimizer`` under ``mixed_float16``.
     """
     resolved = resolve_precision(precision)
@@ -917,7 +917,7 @@ def _locked(run_dir: Path, work: Callable[[], dict[str, Any]], resumable: bool =
         except JewelclfError:
             raise
         except Exception as e:
-            # A full disk met outside jewelclf.rundir's writes (an appended history row, a
+            # A full disk met outside jewelclf.runs's writes (an appended history row, a
             # TensorFlow cache file): one line, and the run stays resumable.
             if not rd.is_disk_full(e):
                 raise
@@ -1052,7 +1052,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         model.get_layer("backbone").trainable = False
         rd.atomic_save(run_dir / rd.MODEL, model.save)
         if (run_dir / rd.HISTORY).exists():
-            from jewelclf import plots
+            from jewelclf.evaluation import plots
 
             plots.training_curves(run_dir / rd.HISTORY, run_dir / rd.CURVES, run=run_dir.name,
                                   restored_epoch=restored_epoch(stages))
@@ -1061,13 +1061,13 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
                                    "num_train": len(data.train), "num_val": len(data.val),
                                    "num_test": len(data.test), "calibration": calibration.to_dict()}
         if data.test:
-            from jewelclf.evaluation import predict_records
+            from jewelclf.evaluation.evaluate import predict_records
 
             # Every worker predicts (the prediction's collectives need all of them).
             y_true, probs = predict_records(model, data.source, data.test, names, config)
             metrics, probs = score(y_true, probs, names, config.train.top_k, calibration)
             metrics["data"] = f"{data_spec} (test split)"
-            from jewelclf.plots import confusion_title
+            from jewelclf.evaluation.plots import confusion_title
 
             write_evaluation(metrics, run_dir, prediction_rows(data.test, y_true, probs, names),
                              title=confusion_title(run_dir.name, "test", len(data.test)))

@@ -1,7 +1,7 @@
 """The data check behind ``jewelclf check DATA``: what is wrong with a dataset, found in one pass.
 
 :func:`check_data` reads every file once. The bytes go through the training data check
-(:func:`jewelclf.data.check.check_records`: header read with the decode-bomb guard, then a
+(:func:`jewelclf.data.validate.check_records`: header read with the decode-bomb guard, then a
 full decode with the training decoder), and the same bytes are hashed on the way: a SHA-256 of
 the content for byte-identical duplicates and, for files that decode, a perceptual hash for
 near-identical ones (the same photo re-encoded, resized, or recoloured). The report holds:
@@ -50,7 +50,7 @@ from PIL import Image
 
 from jewelclf import bars
 from jewelclf.config import DataConfig
-from jewelclf.data.check import FileCheck, check_records, read_file_bytes
+from jewelclf.data.validate import FileCheck, check_records, read_file_bytes
 from jewelclf.data.sources import Record, load_source
 from jewelclf.display import quote_name as _q
 from jewelclf.errors import JewelclfError
@@ -432,7 +432,7 @@ def check_data(spec: str, backbone: str | None = None, image_size: int | None = 
     workers = workers or cfg.check_workers
     input_size = image_size
     if input_size is None and backbone is not None:
-        from jewelclf.backbones import get_backbone
+        from jewelclf.modeling.backbones import get_backbone
 
         input_size = get_backbone(backbone).default_image_size
 

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from jewelclf.errors import JewelclfError
-from jewelclf.model import HEAD, POOL, feature_extractor
+from jewelclf.modeling.classifier import HEAD, POOL, feature_extractor
 
 LAYERS = ("pool", "hidden")
 HIDDEN_DENSE = "head_hidden"

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from jewelclf.errors import JewelclfError
-from jewelclf.search import SimilarReport
+from jewelclf.search.index import SimilarReport
 
 THUMB_SIDE = 160
 
@@ -99,7 +99,7 @@ def check_html_path(path: Path, index_dir: Path, overwrite: bool = False) -> Pat
 def write_html(report: SimilarReport, path: Path, overwrite: bool = False) -> Path:
     """Write the page of ``report`` to ``path`` atomically, checked by :func:`check_html_path`
     (again: the file may have appeared during the search)."""
-    from jewelclf.rundir import atomic_write_text
+    from jewelclf.runs import atomic_write_text
 
     path = check_html_path(path, Path(report.index), overwrite)
     atomic_write_text(path, render_html(report))

@@ -1,7 +1,7 @@
 """``jewelclf predict --server``: TensorFlow Serving's REST predict API, with a server that may
 answer anything.
 
-The request is the documented row format (:func:`jewelclf.predict.predict_request_body`). The
+The request is the documented row format (:func:`jewelclf.inference.predict.predict_request_body`). The
 answer must be one of the two documented shapes of a multi-output model's reply
 (https://www.tensorflow.org/tfx/serving/api_rest, "Response format")::
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from jewelclf.display import one_line
 from jewelclf.errors import JewelclfError
-from jewelclf.predict import (
+from jewelclf.inference.predict import (
     BatchError,
     Predictor,
     _rows_from_outputs,

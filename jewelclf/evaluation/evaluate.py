@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from jewelclf import calibration as calibration_mod
-from jewelclf.calibration import Calibration
+from jewelclf.evaluation import calibration as calibration_mod
+from jewelclf.evaluation.calibration import Calibration
 from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
 
@@ -147,7 +147,7 @@ def score(y_true: np.ndarray, raw: np.ndarray, class_names: list[str], top_k: in
 def calibrate_run(model, data, config, run_dir: Path, log=print) -> Calibration:
     """Fit the temperature and the review threshold (for ``train.target_accuracy``) on the
     validation split of ``data`` (a ``PreparedData``); write them to the run's calibration file."""
-    from jewelclf.rundir import CALIBRATION
+    from jewelclf.runs import CALIBRATION
 
     y_val, probs = predict_records(model, data.source, data.val, data.class_names, config)
     calibration = calibration_mod.calibrate(probs, y_val, config.train.target_accuracy)
@@ -160,8 +160,8 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
                      title: str = "") -> None:
     """Write ``metrics.json``, ``confusion_matrix.png`` and ``predictions.csv`` into ``out_dir``;
     with :func:`score`'s fields also ``reliability_diagram.png`` and ``coverage_accuracy.png``."""
-    from jewelclf import plots
-    from jewelclf.rundir import atomic_write_json, atomic_write_text
+    from jewelclf.evaluation import plots
+    from jewelclf.runs import atomic_write_json, atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -184,7 +184,7 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
 def predict_records(model, source, records, class_names: list[str], config) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over ``records`` (no augmentation); return true indices and probabilities."""
     from jewelclf.data.pipeline import batched, decoded_dataset
-    from jewelclf.model import image_size
+    from jewelclf.modeling.classifier import image_size
 
     index = {c: i for i, c in enumerate(class_names)}
     y_true = np.array([index[r.label] for r in records], dtype=int)
@@ -233,7 +233,7 @@ class Selection:
 
 
 def _run_split_rows(run_dir: Path) -> dict[str, str]:
-    from jewelclf.rundir import SPLITS
+    from jewelclf.runs import SPLITS
 
     path = run_dir / SPLITS
     if not path.is_file():
@@ -243,7 +243,7 @@ def _run_split_rows(run_dir: Path) -> dict[str, str]:
 
 
 def _rejected_paths(run_dir: Path) -> set[str]:
-    from jewelclf.rundir import REJECTED
+    from jewelclf.runs import REJECTED
 
     path = run_dir / REJECTED
     if not path.is_file():
@@ -338,11 +338,11 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     calibration file is scored as it is, and the report says so.
     """
     from jewelclf import config as config_mod
-    from jewelclf.data.check import check_records, write_rejected
+    from jewelclf.data.validate import check_records, write_rejected
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
-    from jewelclf.plots import confusion_title
-    from jewelclf.rundir import (
+    from jewelclf.evaluation.plots import confusion_title
+    from jewelclf.runs import (
         CALIBRATION,
         CONFIG,
         MODEL,

@@ -54,7 +54,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     """Keras' ``TensorBoard`` at epoch granularity, with the run's epoch numbers as steps.
 
     ``epoch_offset``: the epochs of ``history.csv`` before this ``fit``'s first, as for
-    :class:`jewelclf.training.HistoryRecorder`. Each epoch's events are flushed at its end, so a
+    :class:`jewelclf.training.trainer.HistoryRecorder`. Each epoch's events are flushed at its end, so a
     running ``tensorboard`` sees them at once and a killed run loses none.
     """
 

@@ -40,7 +40,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from jewelclf import rundir as rd
+from jewelclf import runs as rd
 
 RESUME_DIR = "resume"
 STATE = "state.json"
@@ -70,7 +70,7 @@ def _link_over(src: str, dst: str) -> None:
 
 def weights_bytes(model: keras.Model) -> int:
     """About the size of ``model.save_weights``'s file: the model's and its optimizer's variables,
-    plus HDF5's overhead. Lets :func:`jewelclf.rundir.atomic_save` refuse a save the disk has no
+    plus HDF5's overhead. Lets :func:`jewelclf.runs.atomic_save` refuse a save the disk has no
     room for before HDF5 starts it (HDF5 does not recover from a full disk met part-way)."""
     variables = list(model.weights)
     optimizer = getattr(model, "optimizer", None)
@@ -89,7 +89,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     the optimizer's state, or not at all with a ``ValueError`` that its ``.bkp`` fallback does
     not catch. Here the new weights are written beside the old ones and renamed over them; with
     ``double_checkpoint`` the previous pair becomes the ``.bkp`` pair by hard links (no copy).
-    A full disk raises :class:`jewelclf.rundir.DiskFullError` and leaves the previous backup
+    A full disk raises :class:`jewelclf.runs.DiskFullError` and leaves the previous backup
     byte for byte. Restoring is Keras' own, ``.bkp`` fallback included.
 
     Every ``fit`` starts at the epoch its own backup holds, and at epoch 0 without one (see
@@ -173,11 +173,11 @@ def _forget_restored_epoch(model: keras.Model) -> None:
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Keras' ``ModelCheckpoint`` writing through :func:`jewelclf.rundir.atomic_save`.
+    """Keras' ``ModelCheckpoint`` writing through :func:`jewelclf.runs.atomic_save`.
 
     Keras overwrites the checkpoint in place, so a full disk during the save of a new best
     destroys the previous best. Here the new file is written beside it and renamed over it; a
-    full disk raises :class:`jewelclf.rundir.DiskFullError` and keeps the previous best intact.
+    full disk raises :class:`jewelclf.runs.DiskFullError` and keeps the previous best intact.
     """
 
     def _save_model(self, epoch, batch, logs):

@@ -5,7 +5,7 @@ probabilities from a model that did not train on that image. Here they are out-o
 run's train and val images are cut into stratified folds (seeded by the run's seed), and a head
 trained on the other folds predicts each one. The head reads the frozen backbone's pooled
 features, the ones stage 1 of ``fit`` trained on: ``fit`` keeps them in
-``checkpoints/stage1_features.npz`` (:data:`jewelclf.training.STAGE1_FEATURES`), so the folds
+``checkpoints/stage1_features.npz`` (:data:`jewelclf.training.trainer.STAGE1_FEATURES`), so the folds
 cost seconds. A run without them (stage 1 augmented, a multi-worker run, a run from before
 they were kept) gets them computed here by the same code, with the run's configured backbone
 and weights, and the review says so.
@@ -20,7 +20,7 @@ benchmark (``benchmarks/label_noise.py``), puts more flipped labels in the top N
 ``normalized_margin`` or ``confidence_weighted_entropy`` (docs/review.md has the figures).
 
 Near-duplicate images under different labels come from the data check's hashes
-(:func:`jewelclf.data.report.duplicate_groups`), over every split of the run.
+(:func:`jewelclf.data.audit.duplicate_groups`), over every split of the run.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def review_run(run_dir: Path, data_spec: str, output: Path, overwrite: bool = Fa
     labels on the benchmark.
     """
     from jewelclf import config as config_mod
-    from jewelclf import rundir as rd
+    from jewelclf import runs as rd
     from jewelclf.data.sources import load_source
 
     run_dir, output = Path(run_dir), Path(output)
@@ -127,7 +127,7 @@ def _refuse_output_in_data(output: Path, source) -> None:
 
 def split_rows(run_dir: Path) -> dict[str, dict[str, str]]:
     """The rows of the run's ``splits.csv`` by path; a one-line error when it is unreadable."""
-    from jewelclf.rundir import SPLITS
+    from jewelclf.runs import SPLITS
 
     path = run_dir / SPLITS
     try:
@@ -145,7 +145,7 @@ def run_records(run_dir: Path, info: dict[str, Any], source, rows: dict[str, dic
                 class_names: list[str]) -> list:
     """The records of ``source`` that the run used (its ``splits.csv``), each with the run's
     split; a one-line error unless ``source`` is the run's data, with the labels it had."""
-    from jewelclf.evaluation import is_run_data
+    from jewelclf.evaluation.evaluate import is_run_data
 
     if not is_run_data(run_dir, info, source, {k: r["split"] for k, r in rows.items()}):
         raise JewelclfError(
@@ -172,7 +172,7 @@ def stage1_features(run_dir: Path, config, source, records: list, class_names: l
                     log: Log = print) -> tuple[np.ndarray, str]:
     """The frozen backbone's pooled features of ``records`` (in their order), and where they
     came from: the run's kept stage-1 features, or computed now with the run's backbone."""
-    from jewelclf.training import STAGE1_FEATURES
+    from jewelclf.training.trainer import STAGE1_FEATURES
 
     path = run_dir / STAGE1_FEATURES
     kept = _kept_features(path)
@@ -201,8 +201,8 @@ def _computed_features(config, source, records: list, class_names: list[str]) ->
     import keras
 
     from jewelclf.data.pipeline import batched, decoded_dataset
-    from jewelclf.model import build_classifier, check_weights, image_size
-    from jewelclf.training import frozen_features
+    from jewelclf.modeling.classifier import build_classifier, check_weights, image_size
+    from jewelclf.training.trainer import frozen_features
 
     check_weights(config)
     keras.utils.set_random_seed(config.train.seed)  # the init of a weights: none backbone
@@ -267,7 +267,7 @@ def _logistic_head(x, y, x_held, num_classes: int, config, fold: int) -> np.ndar
 def _keras_head(x, y, x_held, num_classes: int, config, fold: int) -> np.ndarray:
     import keras
 
-    from jewelclf.model import build_head
+    from jewelclf.modeling.classifier import build_head
 
     keras.utils.set_random_seed(config.train.seed + fold)
     model = build_head(x.shape[1], num_classes, config.model.head_units, config.model.dropout)
@@ -290,8 +290,8 @@ def rank_label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
 
 def label_conflicts(records: list, config) -> list[dict[str, Any]]:
     """Groups of byte- or near-identical images of the run that carry different labels (the
-    groups of :func:`jewelclf.data.report.duplicate_groups`, any split)."""
-    from jewelclf.data.report import duplicate_groups, fingerprint_records
+    groups of :func:`jewelclf.data.audit.duplicate_groups`, any split)."""
+    from jewelclf.data.audit import duplicate_groups, fingerprint_records
 
     facts = fingerprint_records(records, True, config.data.check_workers, config.data.max_pixels)
     exact, near = duplicate_groups((r, facts[r]) for r in records if r in facts)
@@ -308,8 +308,8 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 def _write_outputs(output: Path, issues: list[dict], conflicts: list[dict],
                    summary: dict[str, Any], files: dict[str, str]) -> None:
-    from jewelclf import rundir as rd
-    from jewelclf.review_report import render_sheet
+    from jewelclf import runs as rd
+    from jewelclf.review.sheet import render_sheet
 
     columns = ["path", "given_label", "suggested_label", "score"]
     rd.atomic_write_text(output / ISSUES, _csv_text(columns, [[i[c] for c in columns]
