@@ -60,8 +60,8 @@ def keras_worker(batch: int, size: int, steps: int, warmup: int, repeats: int, a
     import keras
     import numpy as np
 
-    from jewelclf.modeling.backbones import get_backbone
     from jewelclf.config import Config
+    from jewelclf.modeling.backbones import get_backbone
     from jewelclf.modeling.classifier import BACKBONE, build_classifier, unfreeze_top_blocks
 
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")

@@ -34,10 +34,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from jewelclf.config import DataConfig  # noqa: E402
-from jewelclf.data.validate import check_records  # noqa: E402
-from jewelclf.data.images import decode_rgb  # noqa: E402
 from jewelclf.data.pipeline import batched, decoded_dataset  # noqa: E402
 from jewelclf.data.sources import load_source  # noqa: E402
+from jewelclf.data.validate import check_records  # noqa: E402
 
 
 def consume(ds) -> int:

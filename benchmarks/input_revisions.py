@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -30,10 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 
 import jewelclf.data.images as current_images  # noqa: E402
-from jewelclf.data.validate import check_records  # noqa: E402
 from jewelclf.config import DataConfig  # noqa: E402
 from jewelclf.data.pipeline import batched, decoded_dataset  # noqa: E402
 from jewelclf.data.sources import load_source  # noqa: E402
+from jewelclf.data.validate import check_records  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from input_pipeline import bare_pass, consume, timed_both  # noqa: E402

@@ -20,9 +20,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from jewelclf.config import DataConfig  # noqa: E402
-from jewelclf.data.validate import check_records  # noqa: E402
 from jewelclf.data.pipeline import batched, decoded_dataset  # noqa: E402
 from jewelclf.data.sources import load_source  # noqa: E402
+from jewelclf.data.validate import check_records  # noqa: E402
 
 
 def main() -> None:

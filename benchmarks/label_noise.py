@@ -72,9 +72,9 @@ def method_rankings(run: Path, data: str, head: str) -> dict[str, list[str]]:
     from cleanlab.rank import get_label_quality_scores
 
     from jewelclf import config as config_mod
-    from jewelclf.review import label_issues as review
     from jewelclf import runs as rd
     from jewelclf.data.sources import load_source
+    from jewelclf.review import label_issues as review
 
     info = rd.require_finished_run(run)
     config = config_mod.from_dict(config_mod.load_yaml(run / rd.CONFIG))

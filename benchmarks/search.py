@@ -88,8 +88,15 @@ def catalogue_mode(args) -> dict:
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import load_source
     from jewelclf.modeling.embedding import embedding_model
-    from jewelclf.search.index import (build_index, embed_records, exact_search, load_index,
-                                 load_keras_model, resolve_model, same_model)
+    from jewelclf.search.index import (
+        build_index,
+        embed_records,
+        exact_search,
+        load_index,
+        load_keras_model,
+        resolve_model,
+        same_model,
+    )
 
     work = Path(args.work or tempfile.mkdtemp(prefix="jewelclf-search-bench-"))
     out = work / "index"
@@ -176,8 +183,13 @@ def catalogue_mode(args) -> dict:
 def scale_mode(args) -> dict:
     from usearch.index import Index
 
-    from jewelclf.search.index import (HNSW_CONNECTIVITY, HNSW_EXPANSION_ADD, HNSW_EXPANSION_SEARCH,
-                                 exact_search, new_ann)
+    from jewelclf.search.index import (
+        HNSW_CONNECTIVITY,
+        HNSW_EXPANSION_ADD,
+        HNSW_EXPANSION_SEARCH,
+        exact_search,
+        new_ann,
+    )
 
     n, d = args.scale, args.dim
     rng = np.random.default_rng(args.seed)

@@ -33,8 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from jewelclf.modeling.backbones import get_backbone  # noqa: E402
 from jewelclf.config import resolve  # noqa: E402
+from jewelclf.modeling.backbones import get_backbone  # noqa: E402
 from jewelclf.modeling.layers import BackbonePreprocessing  # noqa: E402
 from jewelclf.training.trainer import fit  # noqa: E402
 

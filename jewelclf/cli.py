@@ -26,11 +26,11 @@ def _handle_errors(fn):
             click.echo("\ninterrupted.", err=True)
             sys.exit(130)
         except Exception as e:  # a full disk anywhere is still a user's problem: one line
-            from jewelclf import runs as rundir
+            from jewelclf import fsio
 
-            if not rundir.is_disk_full(e):
+            if not fsio.is_disk_full(e):
                 raise
-            click.echo(f"error: {rundir.disk_full_message(e)}", err=True)
+            click.echo(f"error: {fsio.disk_full_message(e)}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -419,7 +419,7 @@ def review_command(run_dir, data, output, folds, head, overwrite, verbose):
               help="Trials at most.  [default: 20 for random/bayesian, Hyperband's own schedule]")
 @click.option("--objective", type=click.Choice(["val_accuracy", "val_macro_f1"]),
               help="What the search maximises, on the validation split.  [default: val_accuracy]")
-@click.option("--executions-per-trial", type=click.IntRange(min=1), 
+@click.option("--executions-per-trial", type=click.IntRange(min=1),
               help="Trainings per trial from fresh weights; the trial scores their mean.  "
                    "[default: 1]")
 @click.option("--space", "space_file", type=click.Path(path_type=Path),
@@ -466,7 +466,7 @@ def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner,
 @click.option("--near-distance", "near_duplicate_distance", type=click.IntRange(0, 256),
               help="Largest pHash distance, in bits of 256, between near duplicates.  "
                    "[default: 12]")
-@click.option("--workers", type=click.IntRange(min=1), 
+@click.option("--workers", type=click.IntRange(min=1),
               help="Files checked in parallel.  [default: the config's data.check_workers, 4]")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
 @_VERBOSE
@@ -486,13 +486,11 @@ def check_command(data, config_file, as_json, output, near_duplicate_distance, w
 
     config = resolve(config_file, _overrides(**flags))
     _start(verbose, data)
-    from jewelclf.data.audit import (NEAR_DUPLICATE_DISTANCE, check_data, format_check_report,
-                                      save_check_report)
-    from jewelclf.modeling.classifier import image_size
+    from jewelclf.data.audit import NEAR_DUPLICATE_DISTANCE, check_data, format_check_report, save_check_report
 
     if near_duplicate_distance is None:
         near_duplicate_distance = NEAR_DUPLICATE_DISTANCE
-    report = check_data(data, backbone=config.model.backbone, image_size=image_size(config),
+    report = check_data(data, backbone=config.model.backbone, image_size=config.data.image_size,
                         near_duplicate_distance=near_duplicate_distance,
                         workers=workers or config.data.check_workers,
                         max_pixels=config.data.max_pixels, min_side=config.data.min_image_side)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from jewelclf.errors import JewelclfError
+from jewelclf.modeling.backbones import get_backbone
 
 
 @dataclass
@@ -390,7 +391,21 @@ def resolve(config_file: str | Path | None = None, overrides: dict[str, Any] | N
         config = merge(config, load_yaml(config_file), source=str(config_file))
     if overrides:
         config = merge(config, overrides, source="command line")
-    return absolute_weights(validate(config))
+    return resolve_derived(absolute_weights(validate(config)))
+
+
+def resolve_derived(config: Config) -> Config:
+    """Fill the fields that follow from others, once: ``data.image_size`` from the backbone
+    registry when it is left to the backbone. Every run saves this resolved config, and every
+    command reads the size from it. An unknown backbone is left for the registry to refuse
+    where the model is built, in its own one-line error."""
+    if config.data.image_size is not None:
+        return config
+    try:
+        size = get_backbone(config.model.backbone).default_image_size
+    except JewelclfError:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
 
 
 RETIRED_KEYS = {"data": ("shuffle_buffer",)}
@@ -406,4 +421,4 @@ def from_dict(d: dict[str, Any], source: str = "config") -> Config:
         for key in keys:
             if isinstance(d.get(section), dict):
                 d[section].pop(key, None)
-    return validate(merge(Config(), d, source=source))
+    return resolve_derived(validate(merge(Config(), d, source=source)))

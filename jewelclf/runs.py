@@ -3,279 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import gc
 import json
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jewelclf.errors import JewelclfError
-
-RUN_INFO = "run_info.json"
-CONFIG = "config.yaml"
-CLASS_NAMES = "class_names.json"
-SPLITS = "splits.csv"
-REJECTED = "rejected_files.csv"
-HISTORY = "history.csv"
-CURVES = "training_curves.png"
-BEST_CHECKPOINT = "checkpoints/best.weights.h5"
-MODEL = "model.keras"
-METRICS = "metrics.json"
-LEAKAGE = "leakage.json"
-CALIBRATION = "calibration.json"
-
-
-# --- disk full -------------------------------------------------------------------------------
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# How the message reads where no errno survives: TensorFlow's file ops (ResourceExhaustedError
-# "...; No space left on device [Op:SaveV2]") and h5py's close-time RuntimeError.
-_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
-
-
-class DiskFullError(JewelclfError):
-    """A write failed for lack of disk space (or quota): one line naming the file and the fix."""
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a full disk or an exceeded quota."""
-    for _ in range(8):  # the __cause__/__context__ chain, bounded
-        if exc is None:
-            return False
-        if isinstance(exc, DiskFullError):
-            return True
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(t in str(exc) for t in _DISK_FULL_TEXTS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""  # pragma: no cover
-
-
-def free_space(path: Path) -> str:
-    """The free space on the disk holding ``path`` (or its nearest existing parent), for people."""
-    for folder in (Path(path), *Path(path).parents):
-        try:
-            return _human(shutil.disk_usage(folder).free)
-        except OSError:
-            continue
-    return "unknown space"
-
-
-def _next_step(path: Path | None) -> str:
-    """What to run once space is freed: ``fit --resume`` when ``path`` lies in a fit's run dir."""
-    if path is not None:
-        path = Path(path)
-        for folder in [path, *list(path.parents)[:3]]:
-            info = read_run_info(folder)
-            if info is not None and info.get("kind") != "tune" and (folder / CONFIG).is_file():
-                if info.get("status") in ("running", "interrupted"):
-                    return f"then resume with: jewelclf fit --resume --run-dir {folder}"
-                break
-    return "then run the command again"
-
-
-def disk_full_message(exc: BaseException | None = None, path: Path | str | None = None,
-                      kept: bool | None = None) -> str:
-    """One line: what could not be written (``path``: a file, or the folder being written
-    into), whether its previous content is kept (``kept``), the space left, and what to do.
-    ``path`` defaults to the exception's file name."""
-    if path is None and isinstance(exc, OSError) and exc.filename:
-        path = exc.filename
-    quota = exc is not None and (getattr(exc, "errno", None) == errno.EDQUOT
-                                 or "Disk quota exceeded" in str(exc))
-    what = "disk quota exceeded" if quota else "no space left on device"
-    if path is None:
-        return f"{what}; free disk space, then run the command again"
-    path = Path(path)
-    where = f"into '{path}'" if path.is_dir() else f"'{path}'"
-    state = {None: "", True: "; its previous version is kept unchanged",
-             False: "; nothing was written there"}[kept]
-    return (f"{what} while writing {where} ({free_space(path)} free on that disk){state}; "
-            f"free disk space, {_next_step(path)}")
-
-
-_h5py_reports_quiet = False
-
-
-def _from_h5py(exc: BaseException | None, where: Any = None) -> bool:
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        if "h5py" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return "h5py" in repr(where)
-
-
-def _quiet_h5py_disk_full_reports() -> None:
-    """Drop the reports h5py prints of a full disk it already raised, for the rest of the process.
-
-    h5py reports a failed write twice: once as the exception, then again from the destructor of
-    each object of the file ("Traceback ... RuntimeError: Can't decrement id ref count (file
-    write failed ... No space left on device)", through ``sys.excepthook`` and
-    ``sys.unraisablehook``), at once or when the interpreter exits. Only those reports (a full
-    disk, from h5py's own code) are dropped; every other error is shown as before.
-    """
-    global _h5py_reports_quiet
-    if _h5py_reports_quiet:
-        return
-    _h5py_reports_quiet = True
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-    def unraisable(report):
-        if not (is_disk_full(report.exc_value) and _from_h5py(report.exc_value, report.object)):
-            previous_unraisable(report)
-
-    def excepthook(kind, value, tb):
-        if not (is_disk_full(value) and _from_h5py(value)):
-            previous_except(kind, value, tb)
-
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
-
-
-def _as_disk_full(exc: BaseException, path: Path, existed: bool) -> DiskFullError:
-    """The one-line :class:`DiskFullError` for a write of ``path`` that ``exc`` ended.
-
-    The failed writer's frames are dropped first, so that the files it left open are closed
-    (and the space they held freed) now rather than at exit.
-    """
-    _quiet_h5py_disk_full_reports()
-    chained, seen = exc, set()
-    while chained is not None and id(chained) not in seen:
-        seen.add(id(chained))
-        chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
-    gc.collect()
-    return DiskFullError(disk_full_message(exc, path, kept=existed))
-
-
-def _ensure_space(path: Path, expected_bytes: int | None) -> None:
-    """Refuse up front a write of about ``expected_bytes`` that the disk has no room for.
-
-    HDF5 (Keras' ``.weights.h5``) does not recover from a full disk met part-way: the failed
-    file stays half-open inside the library, which then crashes the process at exit
-    (``H5_term_library``, HDF5 1.14.6). Checking first avoids that in the common case, a
-    checkpoint saved again at the same size; another process can still fill the disk between
-    the check and the write, and that case is caught (and reported) as it happens.
-    """
-    if not expected_bytes:
-        return
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return
-    needed = expected_bytes + expected_bytes // 100 + 8 * 1024
-    if free < needed:
-        raise DiskFullError(
-            f"no space left on device for '{path}': it needs about {_human(needed)}, "
-            f"{_human(free)} is free on that disk; "
-            + ("its previous version is kept unchanged" if path.exists() else "nothing was written there")
-            + f"; free disk space, {_next_step(path)}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a power cut after it keeps the new name)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --- atomic writes ------------------------------------------------------------------------------
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:  # reads it without changing it
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename.
-
-    On a full disk ``path`` keeps its previous content, the temp file is removed and
-    :class:`DiskFullError` says so in one line.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existed = path.exists()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), new_file_mode())  # mkstemp's 0600 would ignore the umask
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, DiskFullError) or not is_disk_full(e):
-            raise
-        raise _as_disk_full(e, path, existed) from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_save(path: Path, save_fn, expected_bytes: int | None = None) -> None:
-    """Call ``save_fn(tmp_path)`` then rename onto ``path`` (for models, checkpoints, plots).
-
-    The temp file is flushed to disk before the rename (some file systems report a full disk
-    only then). On a full disk ``path`` keeps its previous content, the temp file is removed
-    and :class:`DiskFullError` says so in one line. A write the disk has visibly no room for
-    (``expected_bytes``; by default the size of the file it replaces) is refused before it starts.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")  # keeps the suffix that savers check
-    existed = path.exists()
-    if expected_bytes is None and path.is_file():
-        expected_bytes = path.stat().st_size
-    _ensure_space(path, expected_bytes)
-    try:
-        save_fn(tmp)
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
-        if isinstance(e, DiskFullError) or not is_disk_full(e):
-            raise
-        raise _as_disk_full(e, path, existed) from None
-    _fsync_dir(path.parent)
+from jewelclf.layout import (  # noqa: F401  (the run layout, read through runs)
+    BEST_CHECKPOINT,
+    CALIBRATION,
+    CLASS_NAMES,
+    CONFIG,
+    CURVES,
+    HISTORY,
+    LEAKAGE,
+    METRICS,
+    MODEL,
+    REJECTED,
+    RUN_INFO,
+    SPLITS,
+)
 
 
 def environment() -> dict[str, str]:
@@ -449,3 +202,89 @@ def _lock_file(lock_path: Path, run_dir: Path) -> int:
         if current is not None and (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
             return fd
         os.close(fd)
+
+
+# --- the one loader of a finished run -----------------------------------------------------------
+
+DEFAULT_EMBED_LAYER = "pool"
+
+
+@dataclass
+class RunModel:
+    """A finished run: its resolved config, class names, calibration and Keras model.
+
+    Every command that opens a finished run (evaluate, export, predict, index, review) gets it
+    from :func:`load_run`, so the image size, resize mode and limits are read in one place.
+    """
+
+    run_dir: Path
+    model: Any  # keras.Model
+    class_names: list[str]
+    image_size: int
+    resize: str
+    top_k: int
+    config: Any  # jewelclf.config.Config
+    info: dict[str, Any]
+    embed_layer: str = DEFAULT_EMBED_LAYER
+    calibration: Any = None  # jewelclf.evaluation.calibration.Calibration, or None
+
+    @property
+    def k(self) -> int:
+        return max(1, min(self.top_k, len(self.class_names)))
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.temperature) if self.calibration is not None else 1.0
+
+    def embedder(self):
+        """The Keras embedding (float32 pixels -> unit vectors) that ``jewelclf index`` uses."""
+        from jewelclf.modeling.embedding import embedding_model
+
+        return embedding_model(self.model, self.embed_layer)
+
+    def describe(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names), "image_size": self.image_size,
+                "resize": self.resize, "top_k": self.k, "run_dir": str(self.run_dir.resolve()),
+                "backbone": self.config.model.backbone, **self.limits}
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The run's data limits, which the serving graphs and ``predict`` apply to each image."""
+        return {"max_pixels": int(self.config.data.max_pixels),
+                "min_image_side": int(self.config.data.min_image_side)}
+
+
+def read_config(run_dir: Path):
+    """The run's saved ``config.yaml`` as a resolved :class:`~jewelclf.config.Config`."""
+    from jewelclf import config as config_mod
+
+    path = Path(run_dir) / CONFIG
+    return config_mod.from_dict(config_mod.load_yaml(path), source=str(path))
+
+
+def require_status_finished(run_dir: Path, info: dict[str, Any], instead: str) -> None:
+    """Refuse a run that is still training or was interrupted; ``instead`` names the way out."""
+    if info.get("status") != "finished":
+        raise JewelclfError(
+            f"the run in '{run_dir}' is not finished (status: {info.get('status', 'unknown')}); "
+            f"wait for jewelclf fit to end, or {instead}"
+        )
+
+
+def load_run(run_dir: Path, instead: str = "export another run", model: bool = True) -> RunModel:
+    """Open a finished run: its info, config, class names, calibration and (``model``) its model.
+
+    The model is loaded before any data is read, so a corrupt model costs no decoding.
+    """
+    from jewelclf.evaluation import calibration as calibration_mod
+
+    run_dir = Path(run_dir)
+    info = require_finished_run(run_dir)
+    require_status_finished(run_dir, info, instead)
+    class_names = read_class_names(run_dir)
+    config = read_config(run_dir)
+    keras_model = load_model_file(run_dir / MODEL, len(class_names)) if model else None
+    size = int(keras_model.input_shape[1]) if keras_model is not None else int(config.data.image_size)
+    return RunModel(run_dir, keras_model, class_names, size, config.data.resize,
+                    int(config.train.top_k), config, info,
+                    calibration=calibration_mod.read(run_dir / CALIBRATION))

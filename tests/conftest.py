@@ -16,6 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import csv  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+TESTS = Path(__file__).resolve().parent
+"""The tests folder: its helper scripts (tiny_cli.py) live here."""
+REPO = TESTS.parent
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

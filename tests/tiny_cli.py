@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import conftest  # noqa: E402,F401  registers tiny_cnn
-
 from jewelclf.cli import main  # noqa: E402
+
+import conftest  # noqa: E402,F401  registers tiny_cnn
 
 if __name__ == "__main__":
     main()

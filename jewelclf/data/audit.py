@@ -50,8 +50,8 @@ from PIL import Image
 
 from jewelclf import bars
 from jewelclf.config import DataConfig
-from jewelclf.data.validate import FileCheck, check_records, read_file_bytes
 from jewelclf.data.sources import Record, load_source
+from jewelclf.data.validate import FileCheck, check_records, read_file_bytes
 from jewelclf.display import quote_name as _q
 from jewelclf.errors import JewelclfError
 

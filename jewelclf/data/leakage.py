@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from jewelclf.config import DataConfig
-from jewelclf.data.validate import FileCheck
 from jewelclf.data.audit import (
     NEAR_DUPLICATE_DISTANCE,
     Fingerprint,
@@ -50,6 +49,7 @@ from jewelclf.data.audit import (
     fingerprint_records,
 )
 from jewelclf.data.sources import Record
+from jewelclf.data.validate import FileCheck
 from jewelclf.errors import JewelclfError
 
 NEAR_CHECK_MAX_FILES = 50_000
@@ -313,6 +313,6 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
 def write_leakage_report(finding: SplitLeakage, path: str | Path, allowed: bool | None = None) -> None:
     """Write the findings as JSON (atomically: a temp file and a rename), e.g. the run's
     ``leakage.json``."""
-    from jewelclf.runs import atomic_write_json
+    from jewelclf.fsio import atomic_write_json
 
     atomic_write_json(Path(path), finding.to_dict(allowed))

@@ -243,7 +243,7 @@ def calibrate(probs: np.ndarray, y: np.ndarray, target_accuracy: float) -> Calib
 
 def write(path: Path, calibration: Calibration) -> None:
     """Save ``calibration`` as JSON at ``path`` (atomically)."""
-    from jewelclf.runs import atomic_write_json
+    from jewelclf.fsio import atomic_write_json
 
     atomic_write_json(path, calibration.to_dict())
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from jewelclf.evaluation import calibration as calibration_mod
-from jewelclf.evaluation.calibration import Calibration
 from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
+from jewelclf.evaluation import calibration as calibration_mod
+from jewelclf.evaluation.calibration import Calibration
 
 RELIABILITY_PNG = "reliability_diagram.png"
 COVERAGE_PNG = "coverage_accuracy.png"
@@ -161,7 +161,7 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
     """Write ``metrics.json``, ``confusion_matrix.png`` and ``predictions.csv`` into ``out_dir``;
     with :func:`score`'s fields also ``reliability_diagram.png`` and ``coverage_accuracy.png``."""
     from jewelclf.evaluation import plots
-    from jewelclf.runs import atomic_write_json, atomic_write_text
+    from jewelclf.fsio import atomic_write_json, atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -184,13 +184,12 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
 def predict_records(model, source, records, class_names: list[str], config) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over ``records`` (no augmentation); return true indices and probabilities."""
     from jewelclf.data.pipeline import batched, decoded_dataset
-    from jewelclf.modeling.classifier import image_size
 
     index = {c: i for i, c in enumerate(class_names)}
     y_true = np.array([index[r.label] for r in records], dtype=int)
     if not records:  # never run the model on zero rows
         return y_true, np.zeros((0, len(class_names)), np.float32)
-    size = image_size(config)
+    size = config.data.image_size
     ds = decoded_dataset(source, records, config.data, size)
     ds = batched(ds, len(class_names), config.data.batch_size)
     probs = model.predict(ds, verbose=0)
@@ -338,18 +337,11 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     calibration file is scored as it is, and the report says so.
     """
     from jewelclf import config as config_mod
-    from jewelclf.data.validate import check_records, write_rejected
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
+    from jewelclf.data.validate import check_records, write_rejected
     from jewelclf.evaluation.plots import confusion_title
-    from jewelclf.runs import (
-        CALIBRATION,
-        CONFIG,
-        MODEL,
-        load_model_file,
-        read_class_names,
-        require_finished_run,
-    )
+    from jewelclf.runs import CALIBRATION, CONFIG, MODEL, load_model_file, read_class_names, require_finished_run
 
     run_dir = Path(run_dir)
     info = require_finished_run(run_dir)

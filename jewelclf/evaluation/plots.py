@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
-from jewelclf.runs import atomic_save  # noqa: E402
+from jewelclf.fsio import atomic_save  # noqa: E402
 
 DPI = 110
 CELL_TEXT_MAX_CLASSES = 40

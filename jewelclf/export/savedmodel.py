@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from jewelclf import fsio
 from jewelclf.errors import JewelclfError
 from jewelclf.export.staging import (  # noqa: F401  (TMP_PREFIX: re-exported)
     PARENT_ENV,
@@ -67,6 +68,7 @@ from jewelclf.export.staging import (  # noqa: F401  (TMP_PREFIX: re-exported)
     cleanup_stale,
     rename_noreplace,
 )
+from jewelclf.runs import DEFAULT_EMBED_LAYER, RunModel, load_run
 
 Log = Callable[[str], None]
 
@@ -80,7 +82,6 @@ INPUT_PIXELS = "pixels"
 OUTPUT_KEYS = ("probabilities", "classes", "scores", "valid", "error")
 EMBED_OUTPUT = "embedding"
 EMBED_OUTPUT_KEYS = (EMBED_OUTPUT, "valid", "error")
-DEFAULT_EMBED_LAYER = "pool"
 """The embedding of the ``embed`` signature: ``jewelclf index``'s default ``--layer``."""
 REPORT = "export_report.json"
 FAILED_REPORT = "export_report.failed.json"
@@ -100,42 +101,6 @@ DECODE_PARALLELISM = 4
 # The finished run
 
 
-@dataclass
-class RunModel:
-    """A finished run's model and what is needed to feed it."""
-
-    run_dir: Path
-    model: Any  # keras.Model
-    class_names: list[str]
-    image_size: int
-    resize: str
-    top_k: int
-    config: Any  # jewelclf.config.Config
-    info: dict[str, Any]
-    embed_layer: str = DEFAULT_EMBED_LAYER
-
-    @property
-    def k(self) -> int:
-        return max(1, min(self.top_k, len(self.class_names)))
-
-    def embedder(self):
-        """The Keras embedding (float32 pixels -> unit vectors) that ``jewelclf index`` uses."""
-        from jewelclf.modeling.embedding import embedding_model
-
-        return embedding_model(self.model, self.embed_layer)
-
-    def describe(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names), "image_size": self.image_size,
-                "resize": self.resize, "top_k": self.k, "run_dir": str(self.run_dir.resolve()),
-                "backbone": self.config.model.backbone, **self.limits}
-
-    @property
-    def limits(self) -> dict[str, int]:
-        """The run's data limits, which the serving graphs and ``predict`` apply to each image."""
-        return {"max_pixels": int(self.config.data.max_pixels),
-                "min_image_side": int(self.config.data.min_image_side)}
-
-
 def require_tensorflow_backend() -> None:
     import keras
 
@@ -144,26 +109,6 @@ def require_tensorflow_backend() -> None:
             f"export needs the TensorFlow Keras backend, but KERAS_BACKEND is "
             f"'{keras.backend.backend()}'; run it with KERAS_BACKEND=tensorflow"
         )
-
-
-def load_run(run_dir: Path) -> RunModel:
-    """Load a finished run's Keras model, class names and input settings."""
-    from jewelclf import config as config_mod
-    from jewelclf import runs as rd
-
-    run_dir = Path(run_dir)
-    info = rd.require_finished_run(run_dir)
-    if info.get("status") != "finished":
-        raise JewelclfError(
-            f"the run in '{run_dir}' is not finished (status: {info.get('status', 'unknown')}); "
-            f"wait for jewelclf fit to end, or export another run"
-        )
-    class_names = rd.read_class_names(run_dir)
-    config = config_mod.from_dict(config_mod.load_yaml(run_dir / rd.CONFIG),
-                                  source=str(run_dir / rd.CONFIG))
-    model = rd.load_model_file(run_dir / rd.MODEL, len(class_names))
-    return RunModel(run_dir, model, class_names, int(model.input_shape[1]),
-                    config.data.resize, int(config.train.top_k), config, info)
 
 
 def default_output(run_dir: Path, fmt: str) -> Path:
@@ -213,8 +158,8 @@ def _round_robin(rows: list, label_of: Callable[[Any], str], n: int) -> list:
 def _read_records(source, records, cfg) -> list[tuple[Any, bytes | None, str]]:
     """(record, bytes or None, reason) for each record, checked with the training data check
     under ``cfg`` (the run's :class:`jewelclf.config.DataConfig`: its pixel and side limits)."""
-    from jewelclf.data.validate import check_records
     from jewelclf.data.pipeline import tfds_bytes
+    from jewelclf.data.validate import check_records
 
     if source.tfds is not None:
         pairs = list(tfds_bytes(source)(records))
@@ -836,14 +781,14 @@ def batching_parameters_text(cpus: int | None = None) -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write, readable by others (a server may run as another user)."""
-    from jewelclf.runs import atomic_write_json
+    from jewelclf.fsio import atomic_write_json
 
     atomic_write_json(path, obj)
     os.chmod(path, 0o644)
 
 
 def _write_if_absent(path: Path, text: str, log: Log) -> None:
-    from jewelclf.runs import atomic_write_text
+    from jewelclf.fsio import atomic_write_text
 
     if path.exists():
         log(f"kept the existing {path}")
@@ -930,15 +875,15 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
         _write_json(tmp / REPORT, report)
         rename_noreplace(tmp, final)
     except BaseException as e:
-        if not rd.is_disk_full(e):
+        if not fsio.is_disk_full(e):
             raise
         # TensorFlow says ResourceExhaustedError "...; No space left on device [Op:SaveV2]", in
         # several lines: one line instead, naming the folder TF Serving polls and the fix.
         kept = ("nothing was written" if not existing else f"version {existing[0]} is unchanged"
                 if len(existing) == 1 else f"versions {', '.join(map(str, existing))} are unchanged")
-        raise rd.DiskFullError(
+        raise fsio.DiskFullError(
             f"no space left on device while writing SavedModel version {version} into '{base}' "
-            f"({rd.free_space(base)} free on that disk); the half-written copy was removed and "
+            f"({fsio.free_space(base)} free on that disk); the half-written copy was removed and "
             f"{kept}; free disk space, then run the command again") from None
     finally:
         staging.close()  # what is left: the lock, the parity scratch, a failed copy
@@ -1056,7 +1001,7 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
             run.model.export(str(tmp), format="litert", verbose=False, input_signature=spec, **options)
 
         try:
-            rd.atomic_save(path, save)
+            fsio.atomic_save(path, save)
         except JewelclfError:
             raise
         except Exception as e:
@@ -1105,7 +1050,7 @@ def export_keras(run_dir: Path, output: Path | None = None, parity_data: str | N
     run = load_run(run_dir)
     out_dir = Path(output) if output is not None else default_output(run_dir, "keras")
     _prepare_folder(out_dir, [rd.MODEL], overwrite)
-    rd.atomic_save(out_dir / rd.MODEL, lambda tmp: shutil.copyfile(run_dir / rd.MODEL, tmp))
+    fsio.atomic_save(out_dir / rd.MODEL, lambda tmp: shutil.copyfile(run_dir / rd.MODEL, tmp))
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
     pixels = keras_pixels([im.data for im in images], run.image_size, run.resize)
     copy = rd.load_model_file(out_dir / rd.MODEL, len(run.class_names))

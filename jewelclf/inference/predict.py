@@ -293,7 +293,6 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
         return info
     if (folder / "config.yaml").is_file() and (folder / "class_names.json").is_file():
         from jewelclf import config as config_mod
-        from jewelclf.modeling.classifier import image_size as config_image_size
 
         config = config_mod.from_dict(config_mod.load_yaml(folder / "config.yaml"),
                                       source=str(folder / "config.yaml"))
@@ -302,7 +301,7 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
             raise JewelclfError(f"'{folder / 'class_names.json'}' is not a list of class names; "
                                 f"the run is incomplete, train it again")
         try:
-            size = config_image_size(config)
+            size = config.data.image_size
         except JewelclfError:
             size = None
         from jewelclf.evaluation import calibration

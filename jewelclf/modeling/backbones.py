@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import keras
+from typing import TYPE_CHECKING, Callable
 
 from jewelclf.errors import JewelclfError
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,9 @@ class BackboneSpec:
     """One registered backbone."""
 
     name: str
-    constructor: Callable[..., keras.Model]
+    constructor: Callable[..., keras.Model] | str
+    """A ``keras.applications`` name (resolved when the base is built, so that reading the
+    registry imports no TensorFlow) or a callable."""
     preprocessing: str
     """Pixel normalisation mode of :class:`~jewelclf.modeling.layers.BackbonePreprocessing`."""
     feature_size: int
@@ -65,7 +68,7 @@ class BackboneSpec:
             kwargs["weights"] = None
             weights_path = str(path)
         try:
-            base = self.constructor(
+            base = self.make(
                 include_top=False, input_shape=(image_size, image_size, 3), name="backbone", **kwargs
             )
         except JewelclfError:
@@ -84,6 +87,15 @@ class BackboneSpec:
                     "pass the no-top weights of this backbone or choose the matching --backbone"
                 ) from None
         return base
+
+    def make(self, **kwargs) -> keras.Model:
+        """Call the constructor (a ``keras.applications`` name is looked up first)."""
+        constructor = self.constructor
+        if isinstance(constructor, str):
+            import keras
+
+            constructor = getattr(keras.applications, constructor)
+        return constructor(**kwargs)
 
     def block_of(self, layer_name: str) -> str | None:
         m = re.match(self.block_pattern, layer_name)
@@ -121,26 +133,24 @@ def _download_failure(name: str, e: Exception) -> str:
             f"(or --weights none to train from scratch)")
 
 
-_apps = keras.applications
-
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
-        BackboneSpec("resnet50", _apps.ResNet50, "caffe", 2048, 224, 32, r"^(conv\d_block\d+)_"),
-        BackboneSpec("resnet101", _apps.ResNet101, "caffe", 2048, 224, 32, r"^(conv\d_block\d+)_"),
-        BackboneSpec("resnet50_v2", _apps.ResNet50V2, "tf", 2048, 224, 32, r"^(conv\d_block\d+)_"),
-        BackboneSpec("vgg16", _apps.VGG16, "caffe", 512, 224, 32, r"^(block\d+)_"),
-        BackboneSpec("vgg19", _apps.VGG19, "caffe", 512, 224, 32, r"^(block\d+)_"),
-        BackboneSpec("mobilenet", _apps.MobileNet, "tf", 1024, 224, 32,
+        BackboneSpec("resnet50", "ResNet50", "caffe", 2048, 224, 32, r"^(conv\d_block\d+)_"),
+        BackboneSpec("resnet101", "ResNet101", "caffe", 2048, 224, 32, r"^(conv\d_block\d+)_"),
+        BackboneSpec("resnet50_v2", "ResNet50V2", "tf", 2048, 224, 32, r"^(conv\d_block\d+)_"),
+        BackboneSpec("vgg16", "VGG16", "caffe", 512, 224, 32, r"^(block\d+)_"),
+        BackboneSpec("vgg19", "VGG19", "caffe", 512, 224, 32, r"^(block\d+)_"),
+        BackboneSpec("mobilenet", "MobileNet", "tf", 1024, 224, 32,
                      r"^conv_(?:dw|pw|pad)_(\d+)", {"alpha": 1.0}),
-        BackboneSpec("mobilenet_025", _apps.MobileNet, "tf", 256, 224, 32,
+        BackboneSpec("mobilenet_025", "MobileNet", "tf", 256, 224, 32,
                      r"^conv_(?:dw|pw|pad)_(\d+)", {"alpha": 0.25}),
-        BackboneSpec("mobilenet_v2", _apps.MobileNetV2, "tf", 1280, 224, 32, r"^(block_\d+)_"),
-        BackboneSpec("efficientnet_b0", _apps.EfficientNetB0, "none", 1280, 224, 32,
+        BackboneSpec("mobilenet_v2", "MobileNetV2", "tf", 1280, 224, 32, r"^(block_\d+)_"),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", "none", 1280, 224, 32,
                      r"^(block\d[a-z])_"),
-        BackboneSpec("efficientnet_b3", _apps.EfficientNetB3, "none", 1536, 300, 32,
+        BackboneSpec("efficientnet_b3", "EfficientNetB3", "none", 1536, 300, 32,
                      r"^(block\d[a-z])_"),
-        BackboneSpec("densenet121", _apps.DenseNet121, "torch", 1024, 224, 32,
+        BackboneSpec("densenet121", "DenseNet121", "torch", 1024, 224, 32,
                      r"^(conv\d_block\d+)_"),
     ]
 }

@@ -25,8 +25,8 @@ import contextlib
 
 import keras
 
-from jewelclf.modeling.backbones import BackboneSpec, get_backbone
 from jewelclf.config import Config
+from jewelclf.modeling.backbones import BackboneSpec, get_backbone
 from jewelclf.modeling.layers import BackbonePreprocessing, build_augmentation
 
 BACKBONE = "backbone"
@@ -34,11 +34,6 @@ HEAD = "head"
 POOL = "pool"
 PREPROCESSING = "preprocessing"
 AUGMENTATION = "augmentation"
-
-
-def image_size(config: Config) -> int:
-    """The square input side of the model: the config's, or the backbone's default."""
-    return config.data.image_size or get_backbone(config.model.backbone).default_image_size
 
 
 def build_head(feature_size: int, num_classes: int, head_units: int, dropout: float) -> keras.Model:
@@ -72,13 +67,13 @@ def check_weights(config: Config) -> None:
     if config.model.weights.lower() == "none":
         return
     spec = get_backbone(config.model.backbone)
-    spec.build(image_size(config), config.model.weights)  # built to be checked, then dropped
+    spec.build(config.data.image_size, config.model.weights)  # built to be checked, then dropped
 
 
 def build_classifier(config: Config, num_classes: int) -> keras.Model:
     """Build the full functional model of ``config`` for ``num_classes`` classes."""
     spec = get_backbone(config.model.backbone)
-    size = image_size(config)
+    size = config.data.image_size
     base = spec.build(size, config.model.weights)
     base.trainable = False
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from jewelclf import fsio
 from jewelclf.errors import JewelclfError
 
 Log = Callable[[str], None]
@@ -201,13 +202,13 @@ def _computed_features(config, source, records: list, class_names: list[str]) ->
     import keras
 
     from jewelclf.data.pipeline import batched, decoded_dataset
-    from jewelclf.modeling.classifier import build_classifier, check_weights, image_size
+    from jewelclf.modeling.classifier import build_classifier, check_weights
     from jewelclf.training.trainer import frozen_features
 
     check_weights(config)
     keras.utils.set_random_seed(config.train.seed)  # the init of a weights: none backbone
     model = build_classifier(config, len(class_names))
-    size = image_size(config)
+    size = config.data.image_size
 
     def ds(recs):
         return batched(decoded_dataset(source, recs, config.data, size), len(class_names),
@@ -308,18 +309,17 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 def _write_outputs(output: Path, issues: list[dict], conflicts: list[dict],
                    summary: dict[str, Any], files: dict[str, str]) -> None:
-    from jewelclf import runs as rd
     from jewelclf.review.sheet import render_sheet
 
     columns = ["path", "given_label", "suggested_label", "score"]
-    rd.atomic_write_text(output / ISSUES, _csv_text(columns, [[i[c] for c in columns]
+    fsio.atomic_write_text(output / ISSUES, _csv_text(columns, [[i[c] for c in columns]
                                                               for i in issues]))
-    rd.atomic_write_text(output / CONFLICTS, _csv_text(
+    fsio.atomic_write_text(output / CONFLICTS, _csv_text(
         ["group", "kind", "path", "split", "label"],
         [[n, g["kind"], f["file"], f["split"], f["label"]]
          for n, g in enumerate(conflicts, 1) for f in g["files"]]))
-    rd.atomic_write_text(output / SHEET, render_sheet(issues, conflicts, summary, files))
-    rd.atomic_write_json(output / SUMMARY, summary)
+    fsio.atomic_write_text(output / SHEET, render_sheet(issues, conflicts, summary, files))
+    fsio.atomic_write_json(output / SUMMARY, summary)
 
 
 def format_summary(summary: dict[str, Any], output: Path) -> str:

@@ -99,7 +99,7 @@ def check_html_path(path: Path, index_dir: Path, overwrite: bool = False) -> Pat
 def write_html(report: SimilarReport, path: Path, overwrite: bool = False) -> Path:
     """Write the page of ``report`` to ``path`` atomically, checked by :func:`check_html_path`
     (again: the file may have appeared during the search)."""
-    from jewelclf.runs import atomic_write_text
+    from jewelclf.fsio import atomic_write_text
 
     path = check_html_path(path, Path(report.index), overwrite)
     atomic_write_text(path, render_html(report))

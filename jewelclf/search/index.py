@@ -47,8 +47,8 @@ import numpy as np
 
 from jewelclf import bars
 from jewelclf import runs as rd
-from jewelclf.search import store
 from jewelclf.errors import JewelclfError
+from jewelclf.search import store
 from jewelclf.search.store import INDEX_FORMAT, MANIFEST, MANIFEST_FIELDS, META, VECTORS
 
 Log = Callable[[str], None]
@@ -681,8 +681,8 @@ def build_index(model_spec: str | Path, catalogue: str, output: Path, batch_size
     then SHA-256), and drops items whose files are gone. It refuses an index made with another
     model or layer unless ``rebuild``.
     """
-    from jewelclf.data.validate import check_records
     from jewelclf.data.sources import load_source
+    from jewelclf.data.validate import check_records
     from jewelclf.modeling.embedding import embedding_model
 
     t0 = time.perf_counter()
@@ -931,9 +931,9 @@ def embed_query_images(model, paths: Sequence[str], layer: str, size: int, resiz
     """(vectors ``[n, D]``, probabilities ``[n, C]``, readable paths, errors) for query files."""
     import tensorflow as tf
 
-    from jewelclf.data.validate import check_file
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import Record
+    from jewelclf.data.validate import check_file
     from jewelclf.modeling.embedding import embedding_and_probabilities
 
     both = embedding_and_probabilities(model, layer)

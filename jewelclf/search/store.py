@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jewelclf.errors import JewelclfError
-from jewelclf.runs import _fsync_dir
+from jewelclf.fsio import fsync_dir
 
 INDEX_FORMAT = 1
 META = "meta.json"
@@ -282,7 +282,7 @@ def recover(output: Path) -> list[str]:
             complete = [p for p in dead if (p / META).is_file()]
             if not output.exists() and complete:
                 os.replace(complete[0], output)
-                _fsync_dir(output.parent)
+                fsync_dir(output.parent)
                 notes.append(f"finished an interrupted update of index '{output}'")
             if output.exists():
                 for p in dead + old:
@@ -328,7 +328,7 @@ def swap_in(output: Path, write_files: Callable[[Path], None]) -> None:
     old = None
     try:
         write_files(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         with _folder_lock(output.parent):
             try:
                 if output.exists():
@@ -343,7 +343,7 @@ def swap_in(output: Path, write_files: Callable[[Path], None]) -> None:
                                     f"place ({e.strerror or e}); the previous version is kept; "
                                     f"check the permissions of '{output.parent}' and run jewelclf "
                                     f"index again") from None
-            _fsync_dir(output.parent)
+            fsync_dir(output.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,7 +40,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from jewelclf import runs as rd
+from jewelclf import fsio
 
 RESUME_DIR = "resume"
 STATE = "state.json"
@@ -70,7 +70,7 @@ def _link_over(src: str, dst: str) -> None:
 
 def weights_bytes(model: keras.Model) -> int:
     """About the size of ``model.save_weights``'s file: the model's and its optimizer's variables,
-    plus HDF5's overhead. Lets :func:`jewelclf.runs.atomic_save` refuse a save the disk has no
+    plus HDF5's overhead. Lets :func:`jewelclf.fsio.atomic_save` refuse a save the disk has no
     room for before HDF5 starts it (HDF5 does not recover from a full disk met part-way)."""
     variables = list(model.weights)
     optimizer = getattr(model, "optimizer", None)
@@ -89,7 +89,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     the optimizer's state, or not at all with a ``ValueError`` that its ``.bkp`` fallback does
     not catch. Here the new weights are written beside the old ones and renamed over them; with
     ``double_checkpoint`` the previous pair becomes the ``.bkp`` pair by hard links (no copy).
-    A full disk raises :class:`jewelclf.runs.DiskFullError` and leaves the previous backup
+    A full disk raises :class:`jewelclf.fsio.DiskFullError` and leaves the previous backup
     byte for byte. Restoring is Keras' own, ``.bkp`` fallback included.
 
     Every ``fit`` starts at the epoch its own backup holds, and at epoch 0 without one (see
@@ -131,7 +131,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 meta_tmp.unlink(missing_ok=True)
                 raise
 
-        rd.atomic_save(Path(self._weights_path), save, _expected(self._weights_path, self.model))
+        fsio.atomic_save(Path(self._weights_path), save, _expected(self._weights_path, self.model))
         os.replace(meta_tmp, meta)
 
 
@@ -173,11 +173,11 @@ def _forget_restored_epoch(model: keras.Model) -> None:
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Keras' ``ModelCheckpoint`` writing through :func:`jewelclf.runs.atomic_save`.
+    """Keras' ``ModelCheckpoint`` writing through :func:`jewelclf.fsio.atomic_save`.
 
     Keras overwrites the checkpoint in place, so a full disk during the save of a new best
     destroys the previous best. Here the new file is written beside it and renamed over it; a
-    full disk raises :class:`jewelclf.runs.DiskFullError` and keeps the previous best intact.
+    full disk raises :class:`jewelclf.fsio.DiskFullError` and keeps the previous best intact.
     """
 
     def _save_model(self, epoch, batch, logs):
@@ -186,9 +186,9 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             return
         expected = _expected(filepath, self.model)
         if self.save_weights_only:
-            rd.atomic_save(Path(filepath), lambda tmp: self.model.save_weights(tmp, overwrite=True), expected)
+            fsio.atomic_save(Path(filepath), lambda tmp: self.model.save_weights(tmp, overwrite=True), expected)
         else:
-            rd.atomic_save(Path(filepath), lambda tmp: self.model.save(tmp, overwrite=True), expected)
+            fsio.atomic_save(Path(filepath), lambda tmp: self.model.save(tmp, overwrite=True), expected)
 
 
 def _expected(path, model: keras.Model) -> int:
@@ -244,7 +244,7 @@ class Progress:
         """Save the weights at the end of ``phase``, then mark it done."""
         previous = self.last_done
         weights = self.dir / f"after_{phase}.weights.h5"
-        rd.atomic_save(weights, model.save_weights, _expected(weights, model))
+        fsio.atomic_save(weights, model.save_weights, _expected(weights, model))
         self.state["done"][phase] = {**summary, "weights": weights.name}
         self.state.setdefault("seeds", {})[phase] = seed_states(model)
         self._save()
@@ -289,7 +289,7 @@ class Progress:
         return train, val
 
     def save_features(self, features: tuple[np.ndarray, np.ndarray]) -> None:
-        rd.atomic_save(self.dir / FEATURES,
+        fsio.atomic_save(self.dir / FEATURES,
                        lambda tmp: np.savez(tmp, train=features[0], val=features[1]))
 
     # --- the end of a run ---------------------------------------------------------------------
@@ -298,12 +298,12 @@ class Progress:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _save(self) -> None:
-        rd.atomic_write_json(self.dir / STATE, self.state)
+        fsio.atomic_write_json(self.dir / STATE, self.state)
 
 
 def save_content(run_dir: Path, hashes: dict[str, str]) -> None:
     """Record the content hashes (file key -> SHA-256) of a new run's images."""
-    rd.atomic_write_json(Path(run_dir) / RESUME_DIR / CONTENT, {"sha256": hashes})
+    fsio.atomic_write_json(Path(run_dir) / RESUME_DIR / CONTENT, {"sha256": hashes})
 
 
 def changed_content(run_dir: Path, hashes: dict[str, str]) -> tuple[list[str] | None, Path]:
@@ -352,4 +352,4 @@ def trim_history(history: Path, progress: Progress) -> None:
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     w.writerows(kept)
-    rd.atomic_write_text(history, out.getvalue())
+    fsio.atomic_write_text(history, out.getvalue())

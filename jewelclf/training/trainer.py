@@ -40,24 +40,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jewelclf import fsio
 from jewelclf import runs as rd
-from jewelclf.modeling.backbones import get_backbone
 from jewelclf.config import Config
-from jewelclf.data.validate import check_records, write_rejected
-from jewelclf.data.leakage import (carved_splits, check_split_leakage, leakage_hasher,
-                                   write_leakage_report)
-from jewelclf.data.pipeline import (batched, choose_cache, decoded_dataset, permuted, shuffled_dataset,
-                                    tfds_bytes)
+from jewelclf.data.leakage import carved_splits, check_split_leakage, leakage_hasher, write_leakage_report
+from jewelclf.data.pipeline import batched, choose_cache, decoded_dataset, permuted, shuffled_dataset, tfds_bytes
 from jewelclf.data.sources import DataSource, Record, data_key, load_source
 from jewelclf.data.splits import assign_splits, write_manifest
+from jewelclf.data.validate import check_records, write_rejected
 from jewelclf.errors import JewelclfError
-from jewelclf.evaluation.evaluate import (calibrate_run, format_report, prediction_rows, score,
-                                 write_evaluation)
-from jewelclf.modeling.classifier import (HEAD, build_classifier, check_weights, feature_extractor, image_size,
-                            unfreeze_top_blocks, without_augmentation)
+from jewelclf.evaluation.evaluate import calibrate_run, format_report, prediction_rows, score, write_evaluation
+from jewelclf.modeling.backbones import get_backbone
+from jewelclf.modeling.classifier import (
+    HEAD,
+    build_classifier,
+    check_weights,
+    feature_extractor,
+    unfreeze_top_blocks,
+    without_augmentation,
+)
+from jewelclf.training.checkpoints import AtomicModelCheckpoint, Progress, changed_content, save_content, trim_history
 from jewelclf.training.plateau import ResumedEarlyStopping, StagePlateau
-from jewelclf.training.checkpoints import (AtomicModelCheckpoint, Progress, changed_content, save_content,
-                               trim_history)
 from jewelclf.training.tensorboard import tensorboard_callbacks
 
 Log = Callable[[str], None]
@@ -323,7 +326,7 @@ def keep_stage1_features(progress: Progress, run_dir: Path, data: PreparedData) 
     features = progress.load_features(len(data.train), len(data.val))
     if features is None:
         return
-    rd.atomic_save(run_dir / STAGE1_FEATURES, lambda tmp: np.savez(
+    fsio.atomic_save(run_dir / STAGE1_FEATURES, lambda tmp: np.savez(
         tmp, train=features[0], val=features[1], train_keys=np.array([r.key for r in data.train]),
         val_keys=np.array([r.key for r in data.val])))
 
@@ -466,7 +469,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
         _compile(model, cfg.learning_rate, config)
         figures = model.evaluate(val_ds, verbose=0, return_dict=True)
         start = {"val_loss": float(figures["loss"]), "val_accuracy": float(figures["accuracy"])}
-        rd.atomic_save(best_path, model.save_weights)
+        fsio.atomic_save(best_path, model.save_weights)
         if progress is not None:
             progress.set_value("stage2_start", start)
         log(f"stage 2: start from val_loss {start['val_loss']:.4f}; unfreezing up to {steps} block(s)")
@@ -572,7 +575,7 @@ def make_datasets(data: PreparedData, config: Config, cache_dir: Path, log: Log 
     pipelines batch at the global batch, ``batch_size * replicas``, which the strategy splits.
     """
     names = data.class_names
-    size = image_size(config)
+    size = config.data.image_size
     batch = global_batch_size(config, replicas)
     cache = choose_cache(config.data, len(data.train) + len(data.val), size)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -834,7 +837,7 @@ def fit(data_spec: str, run_dir: str | Path, config: Config, overwrite: bool = F
     writes ``run_dir``, the others train in step with it and write to a temporary folder.
     """
     # Fail fast on a bad backbone name or image size, before touching run_dir.
-    get_backbone(config.model.backbone).check_image_size(image_size(config))
+    get_backbone(config.model.backbone).check_image_size(config.data.image_size)
     dist = make_distribution(config.train.distribute, log)  # before TensorFlow runs anything
     try:
         if not dist.chief:
@@ -919,14 +922,14 @@ def _locked(run_dir: Path, work: Callable[[], dict[str, Any]], resumable: bool =
         except Exception as e:
             # A full disk met outside jewelclf.runs's writes (an appended history row, a
             # TensorFlow cache file): one line, and the run stays resumable.
-            if not rd.is_disk_full(e):
+            if not fsio.is_disk_full(e):
                 raise
-            raise rd.DiskFullError(rd.disk_full_message(e, run_dir)) from None
+            raise fsio.DiskFullError(fsio.disk_full_message(e, run_dir)) from None
         except KeyboardInterrupt:
             info = rd.read_run_info(run_dir)
             if info is None or info.get("status") != "running":
                 raise
-            rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "interrupted"})
+            fsio.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "interrupted"})
             if not resumable:
                 raise RunInterrupted(
                     f"interrupted; a multi-worker run cannot be resumed: start it again on every "
@@ -961,7 +964,7 @@ def _failed_before_training(run_dir: Path, info: dict[str, Any], resume: bool):
         yield
     except Exception:
         if not resume:
-            rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
+            fsio.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
         raise
 
 
@@ -1003,11 +1006,11 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         info = {"status": "running", "data": data_spec,
                 "data_path": data_key(data_spec), "seed": config.train.seed,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": rd.environment()}
-        rd.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
+        fsio.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
     # The resolved choices of this attempt (``auto`` may differ between machines).
     info.update({"precision": precision, "jit_compile": config.train.jit_compile,
                  "distribute": dist.describe()})
-    rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+    fsio.atomic_write_json(run_dir / rd.RUN_INFO, info)
     log(describe_precision(config, precision))
     with _failed_before_training(run_dir, info, resume):
         # Seconds, before minutes of data checking; and before the seed is set, so that the
@@ -1020,7 +1023,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
     with _failed_before_training(run_dir, info, resume):
         data = prepare_data(data_spec, config, run_dir, log)
     if resume and split_before is not None and (run_dir / rd.SPLITS).read_bytes() != split_before:
-        rd.atomic_write_text(run_dir / rd.SPLITS, split_before.decode("utf-8"))
+        fsio.atomic_write_text(run_dir / rd.SPLITS, split_before.decode("utf-8"))
         raise JewelclfError(
             f"the data in '{data_spec}' changed since the run started (its split differs from "
             f"{run_dir / rd.SPLITS}); resume needs the same data: restore it, or start a new run")
@@ -1028,7 +1031,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         with _failed_before_training(run_dir, info, resume):
             _check_content(data, data_spec, run_dir, resume, log)
     names = data.class_names
-    rd.atomic_write_json(run_dir / rd.CLASS_NAMES, names)
+    fsio.atomic_write_json(run_dir / rd.CLASS_NAMES, names)
     counts = Counter((r.split, r.label) for r in data.train + data.val + data.test)
     log("images per class (train/val/test): " + ", ".join(
         f"{c} {counts[('train', c)]}/{counts[('val', c)]}/{counts[('test', c)]}" for c in names))
@@ -1050,7 +1053,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         calibration = calibrate_run(model, data, config, run_dir, log)
         # Leave the backbone frozen in the saved model, so a reload trains the head by default.
         model.get_layer("backbone").trainable = False
-        rd.atomic_save(run_dir / rd.MODEL, model.save)
+        fsio.atomic_save(run_dir / rd.MODEL, model.save)
         if (run_dir / rd.HISTORY).exists():
             from jewelclf.evaluation import plots
 
@@ -1081,7 +1084,7 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
                  "wall_seconds": round(time.time() - started, 1), "summary": summary})
     if progress is not None:
         keep_stage1_features(progress, run_dir, data)
-    rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+    fsio.atomic_write_json(run_dir / rd.RUN_INFO, info)
     if progress is not None:
         progress.clear()
     if dist.chief:

@@ -13,11 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from jewelclf import runs as rd
+from jewelclf import fsio
 from jewelclf.config import Config
 from jewelclf.errors import JewelclfError
-from jewelclf.tuning.tune import (BEST_CONFIG, HYPERPARAMETERS, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV,
-                             Space, config_for)
+from jewelclf.tuning.tune import BEST_CONFIG, HYPERPARAMETERS, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV, Space, config_for
 
 METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "seconds", "rss_mb", "peak_rss_mb")
 BUDGET = {"epochs_from": "tuner/initial_epoch", "epochs_to": "tuner/epochs",
@@ -95,7 +94,7 @@ class Outputs:
             w = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
             w.writeheader()
             w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-            rd.atomic_write_text(self.run_dir / TRIALS_CSV, out.getvalue())
+            fsio.atomic_write_text(self.run_dir / TRIALS_CSV, out.getvalue())
         return rows
 
     def best_config(self, row: dict[str, Any]) -> Config:
@@ -150,7 +149,7 @@ class Outputs:
             ax.axis("off")
         fig.suptitle(f"{self.objective} of {len(done)} trials against each hyperparameter")
         fig.tight_layout()
-        rd.atomic_save(self.run_dir / PLOT, lambda p: fig.savefig(p, dpi=100))
+        fsio.atomic_save(self.run_dir / PLOT, lambda p: fig.savefig(p, dpi=100))
         plt.close(fig)
 
     def write_all(self, oracle, settings, search_seconds: float, fast_seconds: float | None,
@@ -167,7 +166,7 @@ class Outputs:
                   f"{SEARCH_DIR}/trial_{best['trial']}, "
                   f"{self.objective} {best['score']:.4f} on the validation split)\n"
                   f"# Use it as is: jewelclf fit DATA --run-dir RUN --config {BEST_CONFIG}\n")
-        rd.atomic_write_text(self.run_dir / BEST_CONFIG, header + config.to_yaml())
+        fsio.atomic_write_text(self.run_dir / BEST_CONFIG, header + config.to_yaml())
         self.plot(rows)
         failed = len(rows) - len(done)
         fast = (f"on (the frozen backbone's features computed once, in {fast_seconds:.1f}s)"
@@ -203,7 +202,7 @@ class Outputs:
             f"best configuration in full and scores it on the test split.",
             "",
         ])
-        rd.atomic_write_text(self.run_dir / REPORT, report)
+        fsio.atomic_write_text(self.run_dir / REPORT, report)
         log(f"top trials by {self.objective} ({len(done)} completed, {failed} failed):")
         log(self.table(rows, markdown=False))
         log(f"wrote {self.run_dir / TRIALS_CSV}, {self.run_dir / REPORT} and {self.run_dir / PLOT}")

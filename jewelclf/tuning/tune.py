@@ -34,11 +34,11 @@ import keras_tuner as kt
 import numpy as np
 import yaml
 
+from jewelclf import fsio
 from jewelclf import runs as rd
-from jewelclf.modeling.backbones import get_backbone
 from jewelclf.config import Config, from_dict, merge, parse_yaml, set_dotted, validate
 from jewelclf.errors import JewelclfError
-from jewelclf.modeling.classifier import image_size
+from jewelclf.modeling.backbones import get_backbone
 from jewelclf.training.tensorboard import TENSORBOARD_DIR
 
 Log = Callable[[str], None]
@@ -356,7 +356,7 @@ class TwoStageHyperModel(kt.HyperModel):
         result = {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
                   "val_loss": float(-np.log(p_true).mean()), "seconds": round(seconds, 2),
                   "rss_mb": round(current_mb, 1), "peak_rss_mb": round(peak_mb, 1)}
-        rd.atomic_write_json(work / "trial_summary.json", {
+        fsio.atomic_write_json(work / "trial_summary.json", {
             "tuner_id": os.environ.get("KERASTUNER_TUNER_ID", "tuner0"), **result,
             "stages": summary, "stage_epochs": [config.train.stage1.epochs, config.train.stage2.epochs]})
         return result
@@ -569,7 +569,7 @@ def tune(data_spec: str, run_dir: str | Path, config: Config | None = None, spac
         settings = _check_settings(Settings(**{k: v for k, v in given.items() if v is not None},
                                             max_trials=max_trials, fast=fast))
         # Fail fast on a bad backbone name or image size, before touching run_dir.
-        get_backbone(config.model.backbone).check_image_size(image_size(config))
+        get_backbone(config.model.backbone).check_image_size(config.data.image_size)
         info = {}
     if config.train.distribute != "none":
         raise JewelclfError(f"jewelclf tune trains each trial in one process, so "
@@ -587,10 +587,9 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
             log: Log) -> dict[str, Any]:
     """The body of :func:`tune` once its config, space and settings are settled, under the
     run's precision policy."""
-    from jewelclf.tuning import report as tune_report
     from jewelclf.modeling.classifier import build_classifier
-    from jewelclf.training.trainer import (frozen_features, make_datasets, prepare_data,
-                                   stage1_uses_cached_features)
+    from jewelclf.training.trainer import frozen_features, make_datasets, prepare_data, stage1_uses_cached_features
+    from jewelclf.tuning import report as tune_report
 
     if config.train.stage1.epochs + config.train.stage2.epochs == 0:
         raise JewelclfError("nothing to train: train.stage1.epochs and train.stage2.epochs are both 0")
@@ -607,17 +606,17 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
             _start_state(run_dir, overwrite, log)
             info = {"kind": "tune", "data": data_spec, "seed": config.train.seed,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "search_seconds": 0.0}
-            rd.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
-            rd.atomic_write_text(run_dir / SPACE_FILE, yaml.safe_dump(space, sort_keys=False))
+            fsio.atomic_write_text(run_dir / rd.CONFIG, config.to_yaml())
+            fsio.atomic_write_text(run_dir / SPACE_FILE, yaml.safe_dump(space, sort_keys=False))
         info.update(status="running", tune=dataclasses.asdict(settings), environment=rd.environment())
-        rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+        fsio.atomic_write_json(run_dir / rd.RUN_INFO, info)
 
     keras.utils.set_random_seed(config.train.seed)
     try:
         data = prepare_data(data_spec, config, data_dir, log)
     except JewelclfError:
         if role != "worker" and not resume:
-            rd.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
+            fsio.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "failed"})
         raise
     names = data.class_names
     if role != "worker":
@@ -625,7 +624,7 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
         if resume and saved_names.is_file() and json.loads(saved_names.read_text()) != names:
             raise JewelclfError(f"DATA's classes differ from those of the search in '{run_dir}'; resume "
                                 f"with the same DATA, or start a new --run-dir")
-        rd.atomic_write_json(saved_names, names)
+        fsio.atomic_write_json(saved_names, names)
     for note in notes:
         log(f"note: {note}")
 
@@ -687,7 +686,7 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
         if role != "worker":
             info["search_seconds"] = round(info.get("search_seconds", 0.0) + time.time() - t0, 1)
             if not finished:
-                rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+                fsio.atomic_write_json(run_dir / rd.RUN_INFO, info)
     if datasets is not None and datasets.cache == "disk":
         shutil.rmtree(data_dir / "cache", ignore_errors=True)
     if role == "worker":
@@ -698,7 +697,7 @@ def _search(data_spec: str, run_dir: Path, config: Config, space: Space, setting
     info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 fast_mode_seconds=fast_seconds,
                 wall_seconds=round(time.time() - started, 1), best=best)
-    rd.atomic_write_json(run_dir / rd.RUN_INFO, info)
+    fsio.atomic_write_json(run_dir / rd.RUN_INFO, info)
     log(f"search finished: {run_dir / BEST_CONFIG}; train it with: jewelclf fit DATA --run-dir RUN "
         f"--config {run_dir / BEST_CONFIG}")
     return info
