@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     import keras
     import tensorflow as tf
 
-    from jewelclf.export.savedmodel import keras_pixels
     from jewelclf.inference.predict import collect_images, read_image_file
+    from jewelclf.inference.runtime import keras_pixels
     from jewelclf.runs import load_run
 
     run = load_run(args.run_dir)

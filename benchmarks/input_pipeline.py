@@ -186,7 +186,7 @@ def by_format(paths: list[str], size: int, repeats: int) -> None:
                 # one-off start (instantiating the decode graph) does not count as per-image cost.
                 ds = tf.data.Dataset.from_tensor_slices(items).repeat(-(-200 // len(items))).map(
                     fn, num_parallel_calls=1)
-                _, cpu_seconds, n = timed_both(lambda: consume(ds.with_options(options).batch(1)))
+                _, cpu_seconds, n = timed_both(lambda ds=ds: consume(ds.with_options(options).batch(1)))
                 runs.append(cpu_seconds / n * 1e3)
             ms[name] = statistics.median(runs)
         print(f"{group + f' ({len(items)})':<16} {ms['bare']:8.2f} {ms['jewelclf']:12.2f} "

@@ -88,15 +88,10 @@ def catalogue_mode(args) -> dict:
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import load_source
     from jewelclf.modeling.embedding import embedding_model
-    from jewelclf.search.index import (
-        build_index,
-        embed_records,
-        exact_search,
-        load_index,
-        load_keras_model,
-        resolve_model,
-        same_model,
-    )
+    from jewelclf.runs import load_model_file
+    from jewelclf.search.build import build_index, embed_records
+    from jewelclf.search.index import exact_search, load_index
+    from jewelclf.search.model_ref import resolve_model, same_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="jewelclf-search-bench-"))
     out = work / "index"
@@ -123,7 +118,7 @@ def catalogue_mode(args) -> dict:
     vectors = np.asarray(index.vectors)
 
     ref = resolve_model(args.run_dir)
-    model = load_keras_model(ref.model_file)
+    model = load_model_file(ref.model_file)
     size = int(model.input_shape[1])
     embedder = embedding_model(model, "pool")
     qsource = load_source(args.queries)
@@ -183,13 +178,8 @@ def catalogue_mode(args) -> dict:
 def scale_mode(args) -> dict:
     from usearch.index import Index
 
-    from jewelclf.search.index import (
-        HNSW_CONNECTIVITY,
-        HNSW_EXPANSION_ADD,
-        HNSW_EXPANSION_SEARCH,
-        exact_search,
-        new_ann,
-    )
+    from jewelclf.search.ann import HNSW_CONNECTIVITY, HNSW_EXPANSION_ADD, HNSW_EXPANSION_SEARCH, new_ann
+    from jewelclf.search.index import exact_search
 
     n, d = args.scale, args.dim
     rng = np.random.default_rng(args.seed)

@@ -25,8 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 from jewelclf.config import resolve  # noqa: E402
+from jewelclf.data.prepare import make_datasets, prepare_data  # noqa: E402
 from jewelclf.modeling.classifier import build_classifier  # noqa: E402
-from jewelclf.training.trainer import make_datasets, prepare_data, train_stage1  # noqa: E402
+from jewelclf.training.stages import train_stage1  # noqa: E402
 
 
 def run(mode: str, args, work: Path, quiet) -> tuple[float, list[float], float]:

@@ -35,8 +35,8 @@ import tensorflow as tf  # noqa: E402
 
 from jewelclf.config import resolve  # noqa: E402
 from jewelclf.modeling.backbones import get_backbone  # noqa: E402
-from jewelclf.modeling.layers import BackbonePreprocessing  # noqa: E402
-from jewelclf.training.trainer import fit  # noqa: E402
+from jewelclf.modeling.preprocessing import BackbonePreprocessing  # noqa: E402
+from jewelclf.training.fit import fit  # noqa: E402
 
 
 def _split_dirs(data: Path) -> tuple[Path, Path]:

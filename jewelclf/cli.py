@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
+from jewelclf.cli_options import (
+    BACKBONE,
+    IMAGE_SIZE,
+    VERBOSE,
+    config_flag,
+    handle_errors,
+    model_and_data_flags,
+    overrides,
+    refuse_with_resume,
+    start,
+)
 from jewelclf.errors import JewelclfError
-
-
-def _handle_errors(fn):
-    """Turn user errors into one line on stderr (exit 2) and Ctrl-C into a short note (130)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except JewelclfError as e:
-            prefix = "" if e.exit_code == 130 else "error: "  # 130: an interrupted run's note
-            click.echo(f"{prefix}{e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted.", err=True)
-            sys.exit(130)
-        except Exception as e:  # a full disk anywhere is still a user's problem: one line
-            from jewelclf import fsio
-
-            if not fsio.is_disk_full(e):
-                raise
-            click.echo(f"error: {fsio.disk_full_message(e)}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,166 +27,54 @@ def main():
     """Turn a folder of product photos into a production image classifier."""
 
 
-_VERBOSE = click.option("--verbose", is_flag=True,
-                        help="Also show TensorFlow's own start-up and C++ log lines.")
-
-
-def _start(verbose: bool, data: str | None = None, run_dir: Path | None = None) -> None:
-    """The cheap checks of a command's arguments, then TensorFlow's import (quiet unless
-    ``verbose``): a typo'd path costs milliseconds, not the import."""
-    if data is not None:
-        from jewelclf.data.sources import require_data
-
-        require_data(data)
-    if run_dir is not None:
-        from jewelclf.runs import require_finished_run
-
-        require_finished_run(Path(run_dir))
-    from jewelclf.tfenv import import_tensorflow
-
-    import_tensorflow(verbose)
-
-
-# --- config flags: each sets one key of the config tree; --help shows the default in code ---
-
-_KEYS: dict[str, str] = {}
-
-
-def _default_of(key: str) -> str:
-    from jewelclf.config import Config
-
-    value: object = Config()
-    for part in key.split("."):
-        value = getattr(value, part)
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "the backbone's" if value is None else str(value)
-
-
-def _config_flag(decl: str, key: str, help: str, shown: str | None = None, **kwargs):
-    """A flag that overrides config key ``key`` (None when not given, so YAML still applies)."""
-    _KEYS[decl.split("/")[0].lstrip("-").replace("-", "_")] = key
-    return click.option(decl, default=None, help=f"{help}  [default: {shown or _default_of(key)}]",
-                        **kwargs)
-
-
-def _overrides(**flags) -> dict:
-    from jewelclf.config import set_dotted
-
-    out: dict = {}
-    for flag, value in flags.items():
-        if value is not None:
-            set_dotted(out, _KEYS[flag], value)
-    return out
-
-
-_BACKBONE = _config_flag("--backbone", "model.backbone",
-                         "Backbone: resnet50, vgg16, mobilenet_v2, mobilenet_025, efficientnet_b0, ...")
-_WEIGHTS = _config_flag("--weights", "model.weights",
-                        "Backbone weights: imagenet (downloaded by Keras), none, or the path of a "
-                        "no-top weights file.")
-_IMAGE_SIZE = _config_flag("--image-size", "data.image_size", "Square input side in pixels.",
-                           type=click.IntRange(min=1))
-_BATCH_SIZE = _config_flag("--batch-size", "data.batch_size",
-                           "Images per step per replica (with --distribute: x replicas).",
-                           type=click.IntRange(min=1))
-_EPOCHS = _config_flag("--epochs", "train.stage1.epochs",
-                       "Stage-1 (head) epochs at most; early stopping may end sooner.", type=int)
-_FINE_TUNE_EPOCHS = _config_flag("--fine-tune-epochs", "train.stage2.epochs",
-                                 "Stage-2 (unfreezing) epochs in all; 0 skips stage 2.", type=int)
-_VAL_FRACTION = _config_flag("--val-fraction", "data.val_fraction",
-                             "Held-out share per class when DATA has no val split.", type=float)
-_TEST_FRACTION = _config_flag("--test-fraction", "data.test_fraction",
-                              "Held-out share per class when DATA has no test split.", type=float)
-_CLASS_WEIGHT = _config_flag("--class-weight", "train.class_weight",
-                             "Loss weights per class: balanced, none, or auto (balanced when "
-                             "classes differ by more than 1.5:1).",
-                             type=click.Choice(["auto", "balanced", "none"]))
-_SEED = _config_flag("--seed", "train.seed", "The one seed of the run (split, init, shuffling).",
-                     type=int)
-_DETERMINISTIC = _config_flag("--deterministic", "train.deterministic",
-                              "TensorFlow op determinism: identical reruns, slower.", is_flag=True)
-_ALLOW_LEAKAGE = _config_flag("--allow-leakage", "data.allow_leakage",
-                              "Train even when a byte-identical image sits in two splits (it "
-                              "inflates the test scores).", is_flag=True)
-_PRECISION = _config_flag(
-    "--precision", "train.precision",
-    "Compute dtype: auto is mixed_float16 on a GPU, float32 on a CPU; the softmax stays float32.",
-    type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]))
-_JIT_COMPILE = _config_flag("--jit-compile", "train.jit_compile",
-                            "XLA compilation of the training step; auto is Keras' choice.",
-                            type=click.Choice(["auto", "on", "off"]))
-_MODEL_AND_DATA_FLAGS = (_BACKBONE, _WEIGHTS, _IMAGE_SIZE, _BATCH_SIZE, _EPOCHS, _FINE_TUNE_EPOCHS,
-                         _VAL_FRACTION, _TEST_FRACTION, _CLASS_WEIGHT, _SEED, _DETERMINISTIC,
-                         _ALLOW_LEAKAGE, _PRECISION, _JIT_COMPILE)
-"""The flags ``fit`` and ``tune`` share, with the same names and meaning."""
-
-
-def _model_and_data_flags(fn):
-    for option in reversed(_MODEL_AND_DATA_FLAGS):
-        fn = option(fn)
-    return fn
-
-
-def _refuse_with_resume(what: str, config_file, flags: dict, overwrite: bool = False) -> None:
-    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
-    if config_file:
-        given.insert(0, "--config")
-    if overwrite:
-        given.append("--overwrite")
-    if given:
-        raise JewelclfError(f"--resume continues the {what} with its saved config; drop "
-                            f"{', '.join(given)}, or start a new {what} in another --run-dir")
-
-
 @main.command()
 @click.argument("data", required=False)
 @click.option("--run-dir", required=True, type=click.Path(path_type=Path),
               help="Folder for this run's config, model, history and metrics.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="YAML file of config overrides (flags override it in turn).")
-@_model_and_data_flags
-@_config_flag("--unfreeze-blocks", "train.stage2.unfreeze_blocks",
-              "How many top backbone blocks stage 2 unfreezes, one more per step.", type=int)
-@_config_flag("--learning-rate", "train.stage1.learning_rate", "Stage-1 learning rate (Adam).",
-              type=float)
-@_config_flag("--fine-tune-learning-rate", "train.stage2.learning_rate",
-              "Stage-2 learning rate (Adam).", type=float)
-@_config_flag("--head-units", "model.head_units", "Hidden Dense units in the head (0: none).",
-              type=int)
-@_config_flag("--dropout", "model.dropout",
-              "Dropout rate before the softmax (and after the hidden layer).", type=float)
-@_config_flag("--augment/--no-augment", "augment.enabled", "Training-time augmentation (stage 2).")
-@_config_flag("--target-accuracy", "train.target_accuracy",
-              "Validation accuracy the review threshold is chosen for: images below it need "
-              "review.", type=float)
-@_config_flag("--distribute", "train.distribute",
-              "mirrored: all local GPUs; multi_worker: the machines of TF_CONFIG. --batch-size "
-              "is per replica.", type=click.Choice(["none", "mirrored", "multi_worker"]))
+@model_and_data_flags
+@config_flag("--unfreeze-blocks", "train.stage2.unfreeze_blocks",
+             "How many top backbone blocks stage 2 unfreezes, one more per step.", type=int)
+@config_flag("--learning-rate", "train.stage1.learning_rate", "Stage-1 learning rate (Adam).",
+             type=float)
+@config_flag("--fine-tune-learning-rate", "train.stage2.learning_rate",
+             "Stage-2 learning rate (Adam).", type=float)
+@config_flag("--head-units", "model.head_units", "Hidden Dense units in the head (0: none).",
+             type=int)
+@config_flag("--dropout", "model.dropout",
+             "Dropout rate before the softmax (and after the hidden layer).", type=float)
+@config_flag("--augment/--no-augment", "augment.enabled", "Training-time augmentation (stage 2).")
+@config_flag("--target-accuracy", "train.target_accuracy",
+             "Validation accuracy the review threshold is chosen for: images below it need "
+             "review.", type=float)
+@config_flag("--distribute", "train.distribute",
+             "mirrored: all local GPUs; multi_worker: the machines of TF_CONFIG. --batch-size "
+             "is per replica.", type=click.Choice(["none", "mirrored", "multi_worker"]))
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run in --run-dir from its last epoch, with its saved "
                    "config (DATA may be left out).")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
     """Train a classifier on DATA: a folder of class subfolders, a folder with train/ [val/]
     [test/], a CSV manifest (path,label[,group][,split]), or tfds:NAME[:SPLIT]."""
     from jewelclf.config import resolve
 
     if resume:
-        _refuse_with_resume("run", config_file, flags, overwrite)
-        _start(verbose, data)
-        from jewelclf.training.trainer import resume_fit
+        refuse_with_resume("run", config_file, flags, overwrite)
+        start(verbose, data)
+        from jewelclf.training.fit import resume_fit
 
         resume_fit(run_dir, data, log=click.echo)
         return
     if data is None:
         raise JewelclfError("missing DATA: give the folder, CSV manifest or tfds:NAME to train on "
                             "(or --resume to continue a run)")
-    config = resolve(config_file, _overrides(**flags))
-    _start(verbose, data)
-    from jewelclf.training.trainer import fit as run_fit
+    config = resolve(config_file, overrides(**flags))
+    start(verbose, data)
+    from jewelclf.training.fit import fit as run_fit
 
     run_fit(data, run_dir, config, overwrite=overwrite, log=click.echo)
 
@@ -216,12 +89,13 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
               help="Which split to score. On the data the run trained on: the run's own split "
                    "from splits.csv (default test, else val; train only when asked). On other "
                    "data: DATA's split (default test if DATA has one, else all of it).")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def evaluate(run_dir, data, output, split, verbose):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""
-    _start(verbose, data, run_dir)
-    from jewelclf.evaluation.evaluate import evaluate_run, format_report
+    start(verbose, data, run_dir)
+    from jewelclf.evaluation.evaluate import evaluate_run
+    from jewelclf.evaluation.metrics import format_report
 
     metrics, out_dir = evaluate_run(run_dir, data, output, split)
     click.echo(format_report(metrics))
@@ -253,14 +127,14 @@ def evaluate(run_dir, data, output, split, verbose):
               help="savedmodel: the embedding the 'embed' signature serves; use the --layer your "
                    "`jewelclf index` was built with.")
 @click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer, overwrite,
            verbose):
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
-    _start(verbose, run_dir=run_dir)
-    from jewelclf.export.savedmodel import export_run, format_export_summary
+    start(verbose, run_dir=run_dir)
+    from jewelclf.export.run import export_run, format_export_summary
 
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
                         log=click.echo, embed_layer=embed_layer)
@@ -277,8 +151,8 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per request.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="With --server: seconds for each whole request, connect to last byte.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout, verbose):
     """Predict classes of images or folders of images with MODEL (an exported SavedModel, a
     .keras or .tflite file, or a run dir), or with --server URL --model NAME through TF Serving."""
@@ -292,7 +166,7 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
         if model is not None and not Path(model).exists():
             raise JewelclfError(f"model '{model}' does not exist; pass an exported SavedModel "
                                 f"folder, a .keras or .tflite file, or a run dir")
-        _start(verbose)
+        start(verbose)
     results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout)
     for r in results:
         if r.error is not None:
@@ -319,14 +193,14 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
 @click.option("--exact-threshold", type=int,
               help="Search exactly up to this many items, through an HNSW graph above (default 50000).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed after changing model or layer).")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def index_command(model, catalogue, output, batch_size, layer, exact_threshold, rebuild, verbose):
     """Embed the photos of CATALOGUE_DIR_OR_CSV (class subfolders, or a CSV path,label[,group|sku])
     with a trained model and write a search index; a second run embeds only new or changed
     files and drops the ones that are gone."""
-    _start(verbose, catalogue)
-    from jewelclf.search.index import build_index
+    start(verbose, catalogue)
+    from jewelclf.search.build import build_index
 
     summary = build_index(model, catalogue, output, batch_size, layer, exact_threshold, rebuild,
                           log=click.echo)
@@ -345,8 +219,8 @@ def index_command(model, catalogue, output, batch_size, layer, exact_threshold, 
 @click.option("--html", "html_out", type=click.Path(path_type=Path),
               help="Also write a page of thumbnails to this .html file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --html file.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def similar_command(index_dir, images, k, same_class, as_json, html_out, overwrite, verbose):
     """Find the catalogue items of INDEX_DIR most similar to each IMAGE (cosine similarity)."""
     import json as json_mod
@@ -359,9 +233,9 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out, overwri
         from jewelclf.search.html import check_html_path
 
         check_html_path(html_out, index_dir, overwrite)  # before the search, not after it
-    _start(verbose)
+    start(verbose)
 
-    from jewelclf.search.index import format_similar, similar
+    from jewelclf.search.query import format_similar, similar
 
     report = similar(index_dir, list(images), k, same_class)
     for e in report.errors:
@@ -389,13 +263,13 @@ def similar_command(index_dir, images, k, same_class, as_json, html_out, overwri
               help="What the folds train on the stage-1 features: the run's own Keras head, or "
                    "scikit-learn's logistic regression.")
 @click.option("--overwrite", is_flag=True, help="Replace a review already in --output.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def review_command(run_dir, data, output, folds, head, overwrite, verbose):
     """Rank the train and val images of RUN_DIR most likely to be mislabelled (confident
     learning on out-of-fold predictions, through cleanlab), with a contact sheet, and list
     near-duplicate images under different labels. DATA is the data the run trained on."""
-    _start(verbose, data, run_dir)
+    start(verbose, data, run_dir)
     from jewelclf.review.label_issues import format_summary, review_run
 
     summary = review_run(run_dir, data, output, overwrite=overwrite, folds=folds, head=head,
@@ -427,12 +301,12 @@ def review_command(run_dir, data, output, folds, head, overwrite, verbose):
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Compute the frozen backbone's features once for all trials (when stage 1 has "
                    "no augmentation).")
-@_model_and_data_flags
+@model_and_data_flags
 @click.option("--resume", is_flag=True,
               help="Continue the search in --run-dir after an interruption; finished trials are kept.")
 @click.option("--overwrite", is_flag=True, help="Replace a search already in --run-dir.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner, max_trials,
                  objective, executions_per_trial, fast, overwrite, **flags):
     """Search the head size, dropout, both stages' learning rates, how many blocks to unfreeze
@@ -441,9 +315,9 @@ def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner,
     from jewelclf.config import resolve
 
     if resume:  # a --config must match the saved one (tune checks); flags are refused
-        _refuse_with_resume("search", None, flags)
-    config = resolve(config_file, _overrides(**flags)) if config_file or not resume else None
-    _start(verbose)  # the space file is checked before DATA, as tune always did
+        refuse_with_resume("search", None, flags)
+    config = resolve(config_file, overrides(**flags)) if config_file or not resume else None
+    start(verbose)  # the space file is checked before DATA, as tune always did
     from jewelclf.tuning.tune import load_space, tune
 
     space = load_space(space_file) if space_file else None
@@ -461,16 +335,16 @@ def tune_command(data, run_dir, config_file, space_file, resume, verbose, tuner,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the JSON report to this file.")
-@_BACKBONE
-@_IMAGE_SIZE
+@BACKBONE
+@IMAGE_SIZE
 @click.option("--near-distance", "near_duplicate_distance", type=click.IntRange(0, 256),
               help="Largest pHash distance, in bits of 256, between near duplicates.  "
                    "[default: 12]")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Files checked in parallel.  [default: the config's data.check_workers, 4]")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
-@_VERBOSE
-@_handle_errors
+@VERBOSE
+@handle_errors
 def check_command(data, config_file, as_json, output, near_duplicate_distance, workers, strict,
                   verbose, **flags):
     """Decode every file of DATA and report class counts and imbalance, unreadable files,
@@ -484,8 +358,8 @@ def check_command(data, config_file, as_json, output, near_duplicate_distance, w
 
     from jewelclf.config import resolve
 
-    config = resolve(config_file, _overrides(**flags))
-    _start(verbose, data)
+    config = resolve(config_file, overrides(**flags))
+    start(verbose, data)
     from jewelclf.data.audit import NEAR_DUPLICATE_DISTANCE, check_data, format_check_report, save_check_report
 
     if near_duplicate_distance is None:

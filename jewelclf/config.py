@@ -289,8 +289,8 @@ def parse_yaml(text: str, source: str) -> Any:
         where = f" at line {mark.line + 1}" if mark else ""
         tag = _unsafe_tag(e)
         if tag is not None:
-            raise JewelclfError(f"{source}{where.replace(' at', '')}: the tag '{tag}' is not allowed (jewelclf reads plain "
-                                f"YAML values only); remove it") from None
+            raise JewelclfError(f"{source}{where.replace(' at', '')}: the tag '{tag}' is not allowed "
+                                f"(jewelclf reads plain YAML values only); remove it") from None
         raise JewelclfError(f"{source} is not valid YAML{where}; fix its syntax") from None
 
 

@@ -19,6 +19,12 @@ def quote_name(name: str) -> str:
     return name
 
 
+def printable(text: str) -> str:
+    """A name that can be printed and saved as UTF-8: bytes of a file name that are not UTF-8
+    (kept by Python as lone surrogates) are written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """The first non-empty line of ``text`` with every control character replaced by a space,
     at most ``limit`` characters: for text from elsewhere (a server's error message)."""

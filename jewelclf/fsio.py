@@ -8,11 +8,11 @@ import gc
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from jewelclf import compat
 from jewelclf.errors import JewelclfError
 from jewelclf.layout import CONFIG, RUN_INFO
 
@@ -99,51 +99,13 @@ def disk_full_message(exc: BaseException | None = None, path: Path | str | None 
             f"free disk space, {_next_step(path)}")
 
 
-_h5py_reports_quiet = False
-
-
-def _from_h5py(exc: BaseException | None, where: Any = None) -> bool:
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        if "h5py" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return "h5py" in repr(where)
-
-
-def _quiet_h5py_disk_full_reports() -> None:
-    """Drop the reports h5py prints of a full disk it already raised, for the rest of the process.
-
-    h5py reports a failed write twice: once as the exception, then again from the destructor of
-    each object of the file ("Traceback ... RuntimeError: Can't decrement id ref count (file
-    write failed ... No space left on device)", through ``sys.excepthook`` and
-    ``sys.unraisablehook``), at once or when the interpreter exits. Only those reports (a full
-    disk, from h5py's own code) are dropped; every other error is shown as before.
-    """
-    global _h5py_reports_quiet
-    if _h5py_reports_quiet:
-        return
-    _h5py_reports_quiet = True
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-    def unraisable(report):
-        if not (is_disk_full(report.exc_value) and _from_h5py(report.exc_value, report.object)):
-            previous_unraisable(report)
-
-    def excepthook(kind, value, tb):
-        if not (is_disk_full(value) and _from_h5py(value)):
-            previous_except(kind, value, tb)
-
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
-
-
 def _as_disk_full(exc: BaseException, path: Path, existed: bool) -> DiskFullError:
     """The one-line :class:`DiskFullError` for a write of ``path`` that ``exc`` ended.
 
     The failed writer's frames are dropped first, so that the files it left open are closed
     (and the space they held freed) now rather than at exit.
     """
-    _quiet_h5py_disk_full_reports()
+    compat.quiet_h5py_disk_full_reports(is_disk_full)
     chained, seen = exc, set()
     while chained is not None and id(chained) not in seen:
         seen.add(id(chained))

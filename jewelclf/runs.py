@@ -50,6 +50,15 @@ def environment() -> dict[str, str]:
     }
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+"""How run info, export reports and index metadata write a moment: local ISO 8601 with offset."""
+
+
+def timestamp() -> str:
+    """Now, in :data:`TIME_FORMAT`."""
+    return time.strftime(TIME_FORMAT)
+
+
 def read_run_info(run_dir: Path) -> dict[str, Any] | None:
     p = Path(run_dir) / RUN_INFO
     if not p.is_file():
@@ -127,12 +136,11 @@ def load_model_file(path: Path, num_classes: int | None = None):
     """
     import keras
 
-    import jewelclf.modeling.embedding  # noqa: F401  (registers L2Normalize for loading)
-    import jewelclf.modeling.layers  # noqa: F401  (registers BackbonePreprocessing for loading)
+    from jewelclf.modeling.registry import custom_objects
 
     path = Path(path)
     try:
-        model = keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False, custom_objects=custom_objects())
     except Exception as e:  # a corrupt or foreign file surfaces as many exception types
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         raise JewelclfError(

@@ -16,7 +16,7 @@ def exported_tiny(tiny_run: Path, tmp_path_factory) -> Path:
     """``<tmp>/exported/tiny`` holding version 1 of ``tiny_run`` (exported once, with
     ``--test-data`` on the run's own data)."""
     if "base" not in _CACHE:
-        from jewelclf.export.savedmodel import export_run
+        from jewelclf.export.run import export_run
 
         base = tmp_path_factory.mktemp("exported") / "tiny"
         data = json.loads((tiny_run / "run_info.json").read_text())["data"]

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 
+MAX_FILE_BYTES = 256 * 2**20
+"""Files larger than this are refused unread: no product photo is this big, and reading one
+whole would cost that much memory per worker."""
+
 ANIMATED_WEBP_REASON = ("animated WebP, which TensorFlow cannot decode safely; save its first "
                         "frame as a still image")
 """Why an animated WebP is refused: TensorFlow 2.21's ``decode_image`` (``channels=0``, as

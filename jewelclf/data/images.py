@@ -407,7 +407,8 @@ def header_dimensions(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         (webp & tag(12, b"VP8 ") & tag(23, b"\x9d\x01\x2a") & (length >= 30),
          tf.bitwise.bitwise_and(_int(b, 26, 2), 0x3FFF), tf.bitwise.bitwise_and(_int(b, 28, 2), 0x3FFF)),
         (webp & tag(12, b"VP8L") & tf.equal(b[:, 20], 0x2F) & (length >= 25),
-         1 + tf.bitwise.bitwise_and(vp8l, 0x3FFF), 1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(vp8l, 14), 0x3FFF)),
+         1 + tf.bitwise.bitwise_and(vp8l, 0x3FFF),
+         1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(vp8l, 14), 0x3FFF)),
         (webp & tag(12, b"VP8X") & (length >= 30), 1 + _int(b, 24, 3), 1 + _int(b, 27, 3)),
     ]
     width, height = _jpeg_dimensions(encoded)

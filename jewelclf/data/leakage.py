@@ -1,12 +1,12 @@
 """The leakage check of ``fit``: the same image in two splits inflates the test scores.
 
-``fit`` runs the fast part of the data check (the hashes of :mod:`jewelclf.data.audit`,
+``fit`` runs the fast part of the data check (the hashes of :mod:`jewelclf.data.fingerprint`,
 without its full decode) on the files it kept, after their splits are assigned:
 
 - **byte-identical** files (same SHA-256) in more than one split are certain leakage: ``fit``
   refuses them, unless ``data.allow_leakage`` is set (``--allow-leakage``);
 - **near-identical** files (the 256-bit perceptual hash within
-  :data:`~jewelclf.data.audit.NEAR_DUPLICATE_DISTANCE` bits: the same photo resized or
+  :data:`~jewelclf.data.fingerprint.NEAR_DUPLICATE_DISTANCE` bits: the same photo resized or
   re-encoded) in more than one split are a warning only, as a perceptual hash can also match
   two distinct product shots on a plain background; ``jewelclf check DATA`` shows the pairs.
   ``data.near_duplicate_check: false`` skips them.
@@ -40,16 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from jewelclf.config import DataConfig
-from jewelclf.data.audit import (
+from jewelclf.data.fingerprint import (
     NEAR_DUPLICATE_DISTANCE,
     Fingerprint,
-    _show,
     duplicate_groups,
     fingerprint,
     fingerprint_records,
 )
 from jewelclf.data.sources import Record
 from jewelclf.data.validate import FileCheck
+from jewelclf.display import printable
 from jewelclf.errors import JewelclfError
 
 NEAR_CHECK_MAX_FILES = 50_000
@@ -97,7 +97,7 @@ class SplitLeakage:
     seconds: float
     exact_groups: list[dict] = field(default_factory=list)
     """Groups of byte-identical files in more than one split (the dicts of
-    :func:`jewelclf.data.audit.duplicate_groups`: ``files``, ``splits``, ``leaks``, ...)."""
+    :func:`jewelclf.data.fingerprint.duplicate_groups`: ``files``, ``splits``, ``leaks``, ...)."""
     near_groups: list[dict] = field(default_factory=list)
     """Groups of near-identical files in more than one split."""
     near_checked: bool = True
@@ -251,8 +251,8 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
     near-identical when searched) straddles splits goes back to train, with the rest of its
     manifest group if it has one, instead of being reported; ``SplitLeakage.records`` holds
     the records with their corrected splits and ``SplitLeakage.moved`` lists the moves.
-    Leakage between the splits that DATA itself defines is reported. Logs only when the near search is skipped for size; :meth:`SplitLeakage.enforce`
-    applies the policy.
+    Leakage between the splits that DATA itself defines is reported. Logs only when the near
+    search is skipped for size; :meth:`SplitLeakage.enforce` applies the policy.
 
     Measured on ``../shared/data/jewellery`` (1,816 files, 55 MB; 2-core CPU at ``nice 19``
     beside a training run, load 4): byte-identical only 0.3-0.6 s; with near duplicates 3.1-3.9 s
@@ -283,7 +283,7 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
     exact, near_groups = across(records)
     moved: list[dict] = []
     if carved and (exact or near_groups):
-        by_name = {_show(r.key): r for r in records}
+        by_name = {printable(r.key): r for r in records}
         back: dict[tuple[str, str], dict] = {}  # unit -> why (its group, at its first member)
         for g in exact + near_groups:
             twin = next((f["file"] for f in g["files"] if f["split"] not in carved), None)
@@ -293,7 +293,7 @@ def check_split_leakage(records: list[Record], data_config: DataConfig | None = 
         new_records = []
         for r in records:
             if r.split in carved and _unit(r) in back:
-                moved.append({"file": _show(r.key), "from": r.split, "to": "train", **back[_unit(r)]})
+                moved.append({"file": printable(r.key), "from": r.split, "to": "train", **back[_unit(r)]})
                 new = replace(r, split="train")
                 if r in facts:
                     facts[new] = facts.pop(r)

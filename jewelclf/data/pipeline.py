@@ -13,7 +13,7 @@ from typing import Iterator
 
 import tensorflow as tf
 
-from jewelclf.config import DataConfig
+from jewelclf.config import Config, DataConfig
 from jewelclf.data.images import SUPPORTED_FORMATS, load_image, load_jpeg, load_other
 from jewelclf.data.sources import DataSource, Record
 
@@ -47,7 +47,7 @@ def _tfds_encoded(source: DataSource, records: list[Record]) -> tf.data.Dataset:
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(list(wanted), tf.int64), tf.constant(list(wanted.values()), tf.int64)),
             default_value=-1)
-        ds = ds.enumerate().map(lambda i, ex: (ex[info.image_key], keep.lookup(i)))
+        ds = ds.enumerate().map(lambda i, ex, keep=keep: (ex[info.image_key], keep.lookup(i)))
         parts.append(ds.filter(lambda _, label: label >= 0))
     out = parts[0]
     for p in parts[1:]:
@@ -199,3 +199,18 @@ def batched(ds: tf.data.Dataset, num_classes: int, batch_size: int) -> tf.data.D
     ds = ds.batch(batch_size)
     ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def global_batch_size(config: Config, replicas: int) -> int:
+    """The batch the input pipelines make: ``data.batch_size`` is per replica, and a
+    tf.distribute strategy splits each global batch among its ``replicas``."""
+    return config.data.batch_size * replicas
+
+
+def shard_by_data(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Shard by element across workers (the images are decoded in a map, not read from files)."""
+    if replicas <= 1:
+        return ds
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)

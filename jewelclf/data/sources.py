@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jewelclf.errors import JewelclfError
@@ -72,9 +72,6 @@ class DataSource:
     conflicts: list[str] = field(default_factory=list)
     """A CSV's files listed under two labels (one line each). Both rows stay records, so that
     ``check`` reports them as conflicting labels; ``fit`` refuses them (:meth:`refuse_conflicts`)."""
-
-    def with_records(self, records: list[Record]) -> DataSource:
-        return replace(self, records=list(records))
 
     def repeat_warning(self) -> str | None:
         """One line about :attr:`repeated`, or ``None`` when no row repeats another."""

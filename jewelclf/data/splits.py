@@ -53,7 +53,7 @@ def assign_splits(records: list[Record], seed: int, val_fraction: float,
         by_class[label].append(unit)
 
     target: dict[str, str] = {}
-    for label, units in by_class.items():
+    for units in by_class.values():
         units.sort(key=lambda u: _rank(seed, u))
         start = 0
         for split, fraction in carve:

@@ -21,9 +21,10 @@ import tensorflow as tf
 from PIL import Image
 
 from jewelclf import bars
-from jewelclf.data.formats import (  # noqa: F401  (DECODER_MAX_PIXELS: re-exported)
+from jewelclf.data.formats import (  # noqa: F401  (DECODER_MAX_PIXELS, MAX_FILE_BYTES: re-exported)
     ANIMATED_WEBP_REASON,
     DECODER_MAX_PIXELS,
+    MAX_FILE_BYTES,
     is_animated_webp,
     size_problem,
     sniff_format,
@@ -36,9 +37,6 @@ from jewelclf.display import error_text
 # jewelclf applies its own pixel limit (data.max_pixels) with a clearer message than PIL's.
 Image.MAX_IMAGE_PIXELS = None
 
-MAX_FILE_BYTES = 256 * 2**20
-"""Files larger than this are refused unread: no product photo is this big, and reading one
-whole would cost that much memory per worker."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import sys
-import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -158,22 +157,5 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 
 
 PARENT_ENV = "JEWELCLF_EXPORT_PID"
-
-WATCH_PARENT = textwrap.dedent(r'''
-    import ctypes, os, signal, sys, threading, time
-    _parent = int(os.environ.get("JEWELCLF_EXPORT_PID", os.getppid()))
-    if sys.platform.startswith("linux"):  # PR_SET_PDEATHSIG: SIGKILL when the export dies
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    if os.getppid() != _parent:  # it died before the prctl
-        os._exit(1)
-
-    def _watch_parent():  # where there is no PR_SET_PDEATHSIG
-        while os.getppid() == _parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=_watch_parent, daemon=True).start()
-''')
-"""Python for the start of a child process that must not outlive the export (a kill -9 of it
-included): run in the child itself, not as a ``preexec_fn``, which is unsafe in a process with
-TensorFlow's threads. The child's environment names the export's pid in :data:`PARENT_ENV`."""
+"""The child's environment variable naming the export's pid: the parity process
+(:mod:`jewelclf.export.parity_child`) kills itself when that process dies."""

@@ -1,7 +1,7 @@
 """``jewelclf predict --server``: TensorFlow Serving's REST predict API, with a server that may
 answer anything.
 
-The request is the documented row format (:func:`jewelclf.inference.predict.predict_request_body`). The
+The request is the documented row format (:func:`jewelclf.inference.predictors.predict_request_body`). The
 answer must be one of the two documented shapes of a multi-output model's reply
 (https://www.tensorflow.org/tfx/serving/api_rest, "Response format")::
 
@@ -29,12 +29,12 @@ from typing import Any
 
 from jewelclf.display import one_line
 from jewelclf.errors import JewelclfError
-from jewelclf.inference.predict import (
+from jewelclf.inference.predictors import (
     BatchError,
     Predictor,
-    _rows_from_outputs,
     predict_request_body,
     predict_url,
+    rows_from_outputs,
 )
 
 MAX_REPLY_BYTES = 64 * 2**20
@@ -327,4 +327,4 @@ class ServerPredictor(Predictor):
         elif "error" in columns:
             columns["error"] = [one_line(e) for e in columns["error"]]
         columns["classes"] = [[one_line(c, 100) for c in row] for row in columns["classes"]]
-        return _rows_from_outputs(columns, top_k, None)
+        return rows_from_outputs(columns, top_k, None)

@@ -2,7 +2,7 @@
 
 An entry knows how to build its Keras application without the classification top, which
 pixel normalisation the ImageNet weights expect (applied inside the model by
-:class:`jewelclf.modeling.layers.BackbonePreprocessing`), the width of its pooled features, its default
+:class:`jewelclf.modeling.preprocessing.BackbonePreprocessing`), the width of its pooled features, its default
 and minimum image size, and how its layers group into blocks for progressive unfreezing.
 """
 
@@ -28,7 +28,7 @@ class BackboneSpec:
     """A ``keras.applications`` name (resolved when the base is built, so that reading the
     registry imports no TensorFlow) or a callable."""
     preprocessing: str
-    """Pixel normalisation mode of :class:`~jewelclf.modeling.layers.BackbonePreprocessing`."""
+    """Pixel normalisation mode of :class:`~jewelclf.modeling.preprocessing.BackbonePreprocessing`."""
     feature_size: int
     default_image_size: int
     min_image_size: int

@@ -26,14 +26,14 @@ import contextlib
 import keras
 
 from jewelclf.config import Config
+from jewelclf.modeling.augmentation import build_augmentation
 from jewelclf.modeling.backbones import BackboneSpec, get_backbone
-from jewelclf.modeling.layers import BackbonePreprocessing, build_augmentation
+from jewelclf.modeling.preprocessing import BackbonePreprocessing
 
 BACKBONE = "backbone"
 HEAD = "head"
 POOL = "pool"
 PREPROCESSING = "preprocessing"
-AUGMENTATION = "augmentation"
 
 
 def build_head(feature_size: int, num_classes: int, head_units: int, dropout: float) -> keras.Model:
@@ -111,10 +111,6 @@ def without_augmentation(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer(HEAD)(features), name=f"{model.name}_noaug")
 
 
-def freeze_backbone(model: keras.Model) -> None:
-    model.get_layer(BACKBONE).trainable = False
-
-
 def unfreeze_top_blocks(model: keras.Model, spec: BackboneSpec, n_blocks: int) -> list[str]:
     """Make the top ``n_blocks`` blocks of the backbone trainable; keep BatchNorm frozen.
 
@@ -131,6 +127,3 @@ def unfreeze_top_blocks(model: keras.Model, spec: BackboneSpec, n_blocks: int) -
         layer.trainable = (layer_blocks[layer.name] in chosen_set) and not is_bn
     return list(reversed(chosen))
 
-
-def count_params(weights) -> int:
-    return int(sum(int(keras.ops.size(w)) for w in weights))

@@ -5,7 +5,7 @@ probabilities from a model that did not train on that image. Here they are out-o
 run's train and val images are cut into stratified folds (seeded by the run's seed), and a head
 trained on the other folds predicts each one. The head reads the frozen backbone's pooled
 features, the ones stage 1 of ``fit`` trained on: ``fit`` keeps them in
-``checkpoints/stage1_features.npz`` (:data:`jewelclf.training.trainer.STAGE1_FEATURES`), so the folds
+``checkpoints/stage1_features.npz`` (:data:`jewelclf.training.features.STAGE1_FEATURES`), so the folds
 cost seconds. A run without them (stage 1 augmented, a multi-worker run, a run from before
 they were kept) gets them computed here by the same code, with the run's configured backbone
 and weights, and the review says so.
@@ -20,7 +20,7 @@ benchmark (``benchmarks/label_noise.py``), puts more flipped labels in the top N
 ``normalized_margin`` or ``confidence_weighted_entropy`` (docs/review.md has the figures).
 
 Near-duplicate images under different labels come from the data check's hashes
-(:func:`jewelclf.data.audit.duplicate_groups`), over every split of the run.
+(:func:`jewelclf.data.fingerprint.duplicate_groups`), over every split of the run.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ def review_run(run_dir: Path, data_spec: str, output: Path, overwrite: bool = Fa
     logistic regression on standardised features): the Keras head finds more of the flipped
     labels on the benchmark.
     """
-    from jewelclf import config as config_mod
     from jewelclf import runs as rd
     from jewelclf.data.sources import load_source
 
@@ -75,9 +74,8 @@ def review_run(run_dir: Path, data_spec: str, output: Path, overwrite: bool = Fa
         raise JewelclfError(f"the run in '{run_dir}' is {info.get('status', 'unknown')}, not "
                             f"finished; finish it (jewelclf fit --resume) before reviewing it")
     _require_free(output, overwrite)
-    config = config_mod.from_dict(config_mod.load_yaml(run_dir / rd.CONFIG),
-                                  source=str(run_dir / rd.CONFIG))
-    class_names = rd.read_class_names(run_dir)
+    run = rd.load_run(run_dir, model=False)  # review's own status message above comes first
+    config, class_names = run.config, run.class_names
     source = load_source(data_spec)
     source.refuse_conflicts()
     _refuse_output_in_data(output, source)
@@ -173,7 +171,7 @@ def stage1_features(run_dir: Path, config, source, records: list, class_names: l
                     log: Log = print) -> tuple[np.ndarray, str]:
     """The frozen backbone's pooled features of ``records`` (in their order), and where they
     came from: the run's kept stage-1 features, or computed now with the run's backbone."""
-    from jewelclf.training.trainer import STAGE1_FEATURES
+    from jewelclf.training.features import STAGE1_FEATURES
 
     path = run_dir / STAGE1_FEATURES
     kept = _kept_features(path)
@@ -203,7 +201,7 @@ def _computed_features(config, source, records: list, class_names: list[str]) ->
 
     from jewelclf.data.pipeline import batched, decoded_dataset
     from jewelclf.modeling.classifier import build_classifier, check_weights
-    from jewelclf.training.trainer import frozen_features
+    from jewelclf.training.features import frozen_features
 
     check_weights(config)
     keras.utils.set_random_seed(config.train.seed)  # the init of a weights: none backbone
@@ -291,8 +289,8 @@ def rank_label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
 
 def label_conflicts(records: list, config) -> list[dict[str, Any]]:
     """Groups of byte- or near-identical images of the run that carry different labels (the
-    groups of :func:`jewelclf.data.audit.duplicate_groups`, any split)."""
-    from jewelclf.data.audit import duplicate_groups, fingerprint_records
+    groups of :func:`jewelclf.data.fingerprint.duplicate_groups`, any split)."""
+    from jewelclf.data.fingerprint import duplicate_groups, fingerprint_records
 
     facts = fingerprint_records(records, True, config.data.check_workers, config.data.max_pixels)
     exact, near = duplicate_groups((r, facts[r]) for r in records if r in facts)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from jewelclf.search.html import _STYLE, _figure
+from jewelclf.search.html import STYLE as _STYLE
+from jewelclf.search.html import figure_html as _figure
 
 SHEET_LIMIT = 500
 """Suspects shown with a thumbnail at most; ``label_issues.csv`` lists them all."""

@@ -12,11 +12,11 @@ import io
 from pathlib import Path
 
 from jewelclf.errors import JewelclfError
-from jewelclf.search.index import SimilarReport
+from jewelclf.search.query import SimilarReport
 
 THUMB_SIDE = 160
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin: 1.6em 0 .4em; }
 .row { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
@@ -46,7 +46,8 @@ def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(path: str, caption: str, cls: str = "") -> str:
+def figure_html(path: str, caption: str, cls: str = "") -> str:
+    """One ``<figure>``: the thumbnail of ``path`` (or a grey placeholder) over ``caption``."""
     uri = thumbnail_uri(path)
     img = (f'<img src="{uri}" alt="{html.escape(Path(path).name)}">' if uri
            else '<div class="missing"></div>')
@@ -54,8 +55,9 @@ def _figure(path: str, caption: str, cls: str = "") -> str:
 
 
 def render_html(report: SimilarReport) -> str:
+    """The whole page of ``report``: per query, its thumbnail then its matches'."""
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>jewelclf similar</title>"
-              f"<style>{_STYLE}</style></head><body>"),
+              f"<style>{STYLE}</style></head><body>"),
              f"<h1>Most similar items in {html.escape(report.index)} (k={report.k})</h1>"]
     for q in report.queries:
         title = html.escape(q.query)
@@ -64,11 +66,11 @@ def render_html(report: SimilarReport) -> str:
         if q.restricted_to:
             title += f", {html.escape(q.restricted_to)} items only"
         parts.append(f"<h2>{title}</h2><div class='row'>")
-        parts.append(_figure(q.query, "query", "query"))
+        parts.append(figure_html(q.query, "query", "query"))
         for r in q.results:
             caption = (f"#{r['rank']} <span class='sim'>{r['similarity']:.3f}</span><br>"
                        f"{html.escape(r['label'])}<br>{html.escape(r['item'])}")
-            parts.append(_figure(r["file"], caption))
+            parts.append(figure_html(r["file"], caption))
         if not q.results:
             parts.append("<p>no items</p>")
         parts.append("</div>")

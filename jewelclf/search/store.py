@@ -45,6 +45,7 @@ CHUNK_ROWS = 65_536
 
 
 def rebuild_hint(root: Path) -> str:
+    """The command that rebuilds index ``root``, for the end of an error."""
     return f"rebuild it with jewelclf index RUN_DIR CATALOGUE --output {root} --rebuild"
 
 
@@ -85,6 +86,7 @@ def _check_fields(obj: dict, fields: dict[str, str], prefix: str) -> str | None:
 
 
 def json_repr(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for an error message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -169,6 +171,7 @@ def check_fields(fields: list[str]) -> list[str]:
 
 
 def header_bytes() -> bytes:
+    """The manifest's header row as jewelclf writes it."""
     return (",".join(MANIFEST_FIELDS) + "\n").encode("utf-8")
 
 

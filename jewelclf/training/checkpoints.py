@@ -40,7 +40,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from jewelclf import fsio
+from jewelclf import compat, fsio
 
 RESUME_DIR = "resume"
 STATE = "state.json"
@@ -93,11 +93,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     byte for byte. Restoring is Keras' own, ``.bkp`` fallback included.
 
     Every ``fit`` starts at the epoch its own backup holds, and at epoch 0 without one (see
-    :func:`_forget_restored_epoch`).
+    :func:`jewelclf.compat.forget_restored_epoch`).
     """
 
     def on_train_begin(self, logs=None):
-        _forget_restored_epoch(self.model)
+        compat.forget_restored_epoch(self.model)
         super().on_train_begin(logs)
         try:  # the pair Keras restored (its .bkp fallback copies over this one)
             meta = json.loads(Path(self._training_metadata_path).read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         set_seed_states(self.model, meta.get("seeds") if isinstance(meta, dict) else None)
 
     def on_train_end(self, logs=None):
-        _forget_restored_epoch(self.model)
+        compat.forget_restored_epoch(self.model)
         super().on_train_end(logs)
 
     def _save_model(self):
@@ -135,41 +135,18 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         os.replace(meta_tmp, meta)
 
 
-def _seed_variables(model: keras.Model) -> list:
-    # Keras 3.15 names each SeedGenerator's state variable "seed_generator_state"; Layer.variables
-    # holds them (Layer.weights, and so save_weights, do not).
-    seen, out = set(), []
-    for v in model.variables:
-        if v.path.endswith("seed_generator_state") and id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
-
-
 def seed_states(model: keras.Model) -> list[list[int]]:
     """The states of ``model``'s seed generators, in a fixed order (JSON-ready)."""
-    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in _seed_variables(model)]
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in compat.seed_variables(model)]
 
 
 def set_seed_states(model: keras.Model, states: list | None) -> None:
     """Put back :func:`seed_states` of the same model; ``None`` or another model's leave it."""
-    variables = _seed_variables(model)
+    variables = compat.seed_variables(model)
     if not isinstance(states, list) or len(states) != len(variables):
         return
     for v, state in zip(variables, states):
         v.assign(np.asarray(state, dtype=keras.backend.standardize_dtype(v.dtype)))
-
-
-def _forget_restored_epoch(model: keras.Model) -> None:
-    """Clear the epoch a ``BackupAndRestore`` restored into ``model``.
-
-    Keras 3.15's ``BackupAndRestore`` tells ``fit`` where to start by setting the private
-    ``model._initial_epoch``, which ``fit`` prefers to its own ``initial_epoch`` and nobody
-    resets: the next ``fit`` of the same model (the next unfreezing step, whose backup is
-    empty) would start at that epoch too and train fewer epochs than asked.
-    """
-    if getattr(model, "_initial_epoch", None) is not None:
-        model._initial_epoch = None
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import keras
 
+from jewelclf import compat
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -54,7 +56,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     """Keras' ``TensorBoard`` at epoch granularity, with the run's epoch numbers as steps.
 
     ``epoch_offset``: the epochs of ``history.csv`` before this ``fit``'s first, as for
-    :class:`jewelclf.training.trainer.HistoryRecorder`. Each epoch's events are flushed at its end, so a
+    :class:`jewelclf.training.callbacks.HistoryRecorder`. Each epoch's events are flushed at its end, so a
     running ``tensorboard`` sees them at once and a killed run loses none.
     """
 
@@ -66,7 +68,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
         self.epoch_offset = epoch_offset
         self._log = log
         self._failed = False
-        self._summary_module = _Summary()  # what Keras' ``self.summary`` returns
+        compat.set_tensorboard_summary(self, _Summary())  # what Keras' ``self.summary`` returns
 
     def _safely(self, hook, *args) -> None:
         if self._failed:
@@ -91,15 +93,14 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     def on_test_end(self, logs=None):
         # Keras also logs ``evaluation_*_vs_iterations`` against the optimizer's step count,
         # which starts again at 0 with every stage-2 step's new optimizer: a zig-zag, left out.
-        self._safely(self._pop_writer)
+        self._safely(compat.pop_tensorboard_writer, self)
 
     def on_epoch_end(self, epoch, logs=None):
         self._safely(self._write_epoch, epoch, logs)
 
     def _write_epoch(self, epoch, logs) -> None:
         super().on_epoch_end(self.epoch_offset + epoch + 1, logs)
-        for writer in self._writers.values():
-            writer.flush()
+        compat.flush_tensorboard_writers(self)
 
     def on_train_end(self, logs=None):
         try:  # closes the writers, even after a failure

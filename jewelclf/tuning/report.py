@@ -16,7 +16,8 @@ from typing import Any, Callable
 from jewelclf import fsio
 from jewelclf.config import Config
 from jewelclf.errors import JewelclfError
-from jewelclf.tuning.tune import BEST_CONFIG, HYPERPARAMETERS, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV, Space, config_for
+from jewelclf.tuning.layout import BEST_CONFIG, PLOT, REPORT, SEARCH_DIR, TRIALS_CSV
+from jewelclf.tuning.space import HYPERPARAMETERS, Space, config_for
 
 METRICS = ("val_accuracy", "val_macro_f1", "val_loss", "seconds", "rss_mb", "peak_rss_mb")
 BUDGET = {"epochs_from": "tuner/initial_epoch", "epochs_to": "tuner/epochs",

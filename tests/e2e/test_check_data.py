@@ -10,15 +10,11 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from jewelclf.cli import main
-from jewelclf.data import audit as report_mod
-from jewelclf.data.audit import (
-    NEAR_DUPLICATE_DISTANCE,
-    check_data,
-    describe_leakage,
-    find_split_leakage,
-    fingerprint,
-    format_check_report,
-)
+from jewelclf.config import DataConfig
+from jewelclf.data import fingerprint as report_mod
+from jewelclf.data.audit import check_data, format_check_report
+from jewelclf.data.fingerprint import NEAR_DUPLICATE_DISTANCE, fingerprint
+from jewelclf.data.leakage import check_split_leakage
 from jewelclf.data.sources import Record, load_source
 
 from conftest import make_image, make_split_folder
@@ -136,7 +132,7 @@ def test_clean_data_is_clean_and_the_size_check_needs_a_size(tmp_path):
     assert rep["splits"] == {"train": 12, "test": 6}
     assert "clean: nothing found" in format_check_report(rep)
     # the 40x48 test images are under resnet50's 224 px input
-    rep = check_data(str(root), backbone="resnet50")
+    rep = check_data(str(root), backbone="resnet50", image_size=224)
     assert rep["settings"]["input_size"] == 224 and len(rep["too_small"]) == 18
 
 
@@ -172,28 +168,30 @@ def test_hamming_pairs_match_brute_force(monkeypatch, popcount):
     dist = (bits[:, None, :] != bits[None, :, :]).sum(-1)
     for t in (1, 32):
         expect = {(i, j, int(dist[i, j])) for i in range(300) for j in range(i + 1, 300) if dist[i, j] <= t}
-        assert set(report_mod._hamming_pairs(hashes, t)) == expect
+        assert set(report_mod.hamming_pairs(hashes, t)) == expect
 
 
 def _split_records(root):
     return load_source(str(root)).records
 
 
+def _leaking_groups(records, **data):
+    found = check_split_leakage(records, DataConfig(**data), log=lambda _: None)
+    return found.exact_groups + found.near_groups
+
+
 def test_find_split_leakage(messy):
     records = _split_records(messy)
-    groups = find_split_leakage(records, workers=2)
+    groups = _leaking_groups(records, check_workers=2)
     pairs = {(lk["a"], lk["b"], lk["kind"]) for g in groups for lk in g["leaks"]}
     assert pairs == {("train/ring/ring_0.jpg", "test/ring/copy_of_ring_0.jpg", "exact"),
                      ("train/watch/watch_1.jpg", "test/watch/resized_watch_1.jpg", "near")}
-    exact_only = find_split_leakage(records, near_duplicate_distance=None)
+    exact_only = _leaking_groups(records, near_duplicate_check=False)
     assert [g["kind"] for g in exact_only] == ["exact"]
-    line = describe_leakage(groups)
-    assert line.startswith("2 group(s) of identical or near-identical images straddle splits")
-    assert "train 'train/ring/ring_0.jpg' = test 'test/ring/copy_of_ring_0.jpg'" in line
     # the within-train duplicate is no leak, and without the planted copies nothing leaks
     (messy / "test/ring/copy_of_ring_0.jpg").unlink()
     (messy / "test/watch/resized_watch_1.jpg").unlink()
-    assert find_split_leakage(_split_records(messy)) == []
+    assert _leaking_groups(_split_records(messy)) == []
 
 
 def test_find_split_leakage_after_assigned_splits():

@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from jewelclf import fsio
 from jewelclf import runs as rd
 from jewelclf.cli import main
+from jewelclf.export import layout
 from jewelclf.export import savedmodel as ex
 from jewelclf.training import checkpoints as progress_mod
 
@@ -226,7 +227,7 @@ def test_disk_full_saving_model_keras_leaves_no_partial_model_and_resumes(data, 
 
 def test_disk_full_anywhere_else_in_fit_is_one_line(data, tmp_path, monkeypatch):
     """ENOSPC half-way through the third row appended to ``history.csv``."""
-    from jewelclf.training import trainer as training
+    from jewelclf.training import callbacks as training
 
     run_dir = tmp_path / "run"
     calls = []
@@ -468,7 +469,7 @@ def test_disk_full_during_a_savedmodel_export_keeps_the_previous_version(tiny_ru
     (base / "1" / "variables").mkdir(parents=True)
     (base / "1" / "saved_model.pb").write_bytes(b"version 1's graph")
     (base / "1" / "variables" / "variables.index").write_bytes(b"version 1's variables")
-    (base / ex.MODELS_CONFIG).write_text("model_config_list {}\n")
+    (base / layout.MODELS_CONFIG).write_text("model_config_list {}\n")
     before, names = tree_digest(base), sorted(p.name for p in base.iterdir())
 
     if where == "variables":
@@ -486,7 +487,7 @@ def test_disk_full_during_a_savedmodel_export_keeps_the_previous_version(tiny_ru
         real_write_text = Path.write_text
 
         def write_text(self, text, *args, **kwargs):
-            if self.name == ex.INFO and self.parent.name == "assets.extra":
+            if self.name == layout.INFO and self.parent.name == "assets.extra":
                 real_write_text(self, text[: len(text) // 2], *args, **kwargs)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_write_text(self, text, *args, **kwargs)
@@ -500,4 +501,4 @@ def test_disk_full_during_a_savedmodel_export_keeps_the_previous_version(tiny_ru
     assert line.endswith("free disk space, then run the command again")
     assert tree_digest(base) == before
     assert sorted(p.name for p in base.iterdir()) == names  # no 2/, no .tmp-export-*
-    assert ex.list_versions(base) == [1]
+    assert layout.list_versions(base) == [1]

@@ -23,6 +23,8 @@ from click.testing import CliRunner
 from jewelclf import runs
 from jewelclf.cli import main
 from jewelclf.data.images import decode_rgb, load_image, resize_rgb
+from jewelclf.export import layout, samples, staging
+from jewelclf.export import parity as parity_check
 from jewelclf.export import savedmodel as ex
 from jewelclf.export.staging import Staging
 
@@ -73,22 +75,22 @@ def test_layout_report_and_server_files(exported, run):
     version = exported / "1"
     assert (version / "saved_model.pb").is_file()
     assert (version / "variables" / "variables.index").is_file()
-    assert ex.list_versions(exported) == [1]
-    assert not [p for p in exported.iterdir() if p.name.startswith(ex.TMP_PREFIX)]
+    assert layout.list_versions(exported) == [1]
+    assert not [p for p in exported.iterdir() if p.name.startswith(staging.TMP_PREFIX)]
 
-    report = json.loads((version / ex.REPORT).read_text())
+    report = json.loads((version / layout.REPORT).read_text())
     assert report["version"] == 1 and report["model_name"] == "tiny"
     assert report["class_names"] == run.class_names == ["necklace", "ring", "watch"]
     parity = report["parity"]
     assert parity["passed"] and parity["fresh_process"]
     assert parity["jewelclf_imported_in_fresh_process"] is False
-    assert len(parity["images"]) == ex.PARITY_IMAGES
-    for name in (ex.SERVING_DEFAULT, ex.SERVING_PIXELS):
+    assert len(parity["images"]) == layout.PARITY_IMAGES
+    for name in (layout.SERVING_DEFAULT, layout.SERVING_PIXELS):
         sig = parity["signatures"][name]
-        assert sig["top1_agree"] == sig["images"] == ex.PARITY_IMAGES
+        assert sig["top1_agree"] == sig["images"] == layout.PARITY_IMAGES
         assert sig["max_abs_diff"] <= 1e-4
-    embed = parity["signatures"][ex.SERVING_EMBED]  # checked in the same fresh process
-    assert embed["images"] == ex.PARITY_IMAGES and embed["layer"] == "pool" and embed["dim"] == 16
+    embed = parity["signatures"][layout.SERVING_EMBED]  # checked in the same fresh process
+    assert embed["images"] == layout.PARITY_IMAGES and embed["layer"] == "pool" and embed["dim"] == 16
     assert embed["max_abs_diff"] <= 1e-4 and embed["min_cosine"] >= 1 - 1e-4
     assert embed["max_norm_error"] <= 1e-4 and embed["all_valid"]
     assert set(report["signatures"]) == {"serving_default", "serving_pixels", "embed"}
@@ -100,14 +102,14 @@ def test_layout_report_and_server_files(exported, run):
     assert acc["savedmodel_accuracy"] == acc["keras_accuracy"]
     assert acc["top1_agreement"] == 1.0
 
-    info = json.loads((version / "assets.extra" / ex.INFO).read_text())
+    info = json.loads((version / "assets.extra" / layout.INFO).read_text())
     assert info["class_names"] == run.class_names and info["image_size"] == 32
     assert info["embedding"] == report["embedding"] and "embed" in info["signatures"]
 
-    config = (exported / ex.MODELS_CONFIG).read_text()
-    batching = (exported / ex.BATCHING_PARAMETERS).read_text()
+    config = (exported / layout.MODELS_CONFIG).read_text()
+    batching = (exported / layout.BATCHING_PARAMETERS).read_text()
     assert "name: 'tiny'" in config and "base_path: '/models/tiny'" in config
-    assert oct(os.stat(exported / ex.MODELS_CONFIG).st_mode & 0o777) == "0o644"
+    assert oct(os.stat(exported / layout.MODELS_CONFIG).st_mode & 0o777) == "0o644"
     _parse_text_protos(config, batching)
 
 
@@ -162,10 +164,10 @@ def test_next_version_and_refusal_to_overwrite(exported, tiny_run, tmp_path):
 
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(base)])
     assert r.exit_code == 0, r.output
-    assert ex.list_versions(base) == [1, 2]
+    assert layout.list_versions(base) == [1, 2]
     assert "version 2" in r.output and "top-1 agrees with Keras on 8/8" in r.output
     assert "embed: 16-d 'pool' vectors, max |diff| with the Keras embedding" in r.output
-    assert json.loads((base / "2" / ex.REPORT).read_text())["version"] == 2
+    assert json.loads((base / "2" / layout.REPORT).read_text())["version"] == 2
 
     for v in ("1", "2"):
         digest = tree_digest(base / v)
@@ -174,7 +176,7 @@ def test_next_version_and_refusal_to_overwrite(exported, tiny_run, tmp_path):
         assert "never overwritten" in r.output and "--version 3" in r.output
         assert tree_digest(base / v) == digest
     assert tree_digest(base / "1") == before
-    assert ex.list_versions(base) == [1, 2]
+    assert layout.list_versions(base) == [1, 2]
 
 
 def test_parity_holds_for_large_jpegs_that_training_decodes_at_reduced_scale(tiny_run, run, tmp_path):
@@ -198,7 +200,7 @@ def test_parity_holds_for_large_jpegs_that_training_decodes_at_reduced_scale(tin
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(tmp_path / "m"),
                                   "--parity-data", str(data)])
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "m" / "1" / ex.REPORT).read_text())
+    report = json.loads((tmp_path / "m" / "1" / layout.REPORT).read_text())
     signatures = report["parity"]["signatures"]
     for name in ("serving_default", "serving_pixels"):
         assert signatures[name]["top1_agree"] == signatures[name]["images"] == len(big)
@@ -206,17 +208,17 @@ def test_parity_holds_for_large_jpegs_that_training_decodes_at_reduced_scale(tin
 
 
 def test_list_versions_and_stale_temp_cleanup(tmp_path):
-    for name in ("3", "10", "notes", "7.bak", f"{ex.TMP_PREFIX}999999-ab"):
+    for name in ("3", "10", "notes", "7.bak", f"{staging.TMP_PREFIX}999999-ab"):
         (tmp_path / name).mkdir()
     (tmp_path / "12").write_text("a file, not a version")
-    assert ex.list_versions(tmp_path) == [3, 10]
-    assert ex.list_versions(tmp_path / "missing") == []
+    assert layout.list_versions(tmp_path) == [3, 10]
+    assert layout.list_versions(tmp_path / "missing") == []
     live = Staging(tmp_path)  # a live export's: locked (tests/test_export_storage.py has more)
     try:
         later = time.time() + 3600  # every folder's heartbeat is an hour old by then
         assert ex.cleanup_stale_temp(tmp_path, log=lambda _: None) == []  # all fresh
         removed = ex.cleanup_stale_temp(tmp_path, log=lambda _: None, now=later)
-        assert removed == [f"{ex.TMP_PREFIX}999999-ab"]  # unlocked and old; the live one is kept
+        assert removed == [f"{staging.TMP_PREFIX}999999-ab"]  # unlocked and old; the live one is kept
         assert live.path.is_dir()
     finally:
         live.close()
@@ -233,7 +235,8 @@ def test_export_killed_midway_leaves_no_version(tiny_run, tmp_path):
         deadline = time.monotonic() + 120
         written = None
         while time.monotonic() < deadline and proc.poll() is None:
-            written = next(iter(base.glob(f"{ex.TMP_PREFIX}*/model/saved_model.pb")), None) if base.is_dir() else None
+            pattern = f"{staging.TMP_PREFIX}*/model/saved_model.pb"
+            written = next(iter(base.glob(pattern)), None) if base.is_dir() else None
             if written is not None:
                 break
             time.sleep(0.02)
@@ -243,7 +246,7 @@ def test_export_killed_midway_leaves_no_version(tiny_run, tmp_path):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert ex.list_versions(base) == []
+    assert layout.list_versions(base) == []
     leftovers = [p.name for p in base.iterdir()]
     assert leftovers and all(name.startswith(".") for name in leftovers), leftovers
     assert ex.cleanup_stale_temp(base, log=lambda _: None, now=time.time() + 3600) == leftovers
@@ -257,7 +260,7 @@ def test_failed_parity_raises_and_leaves_nothing(exported, tiny_run, tmp_path, m
     run = runs.load_run(tiny_run)
 
     def fake_child(saved_model, images, work, timeout=600):
-        assert saved_model.parent.name.startswith(ex.TMP_PREFIX) and (saved_model / "saved_model.pb").is_file()
+        assert saved_model.parent.name.startswith(staging.TMP_PREFIX) and (saved_model / "saved_model.pb").is_file()
         probs = keras_reference(run, [im.data for im in images])
         order = np.argsort(-probs, axis=1)
         full = {"probabilities": probs, "classes": [[run.class_names[j] for j in row] for row in order],
@@ -273,16 +276,16 @@ def test_failed_parity_raises_and_leaves_nothing(exported, tiny_run, tmp_path, m
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(base)])
     assert r.exit_code == 2
     assert "parity check failed" in r.output and "serving_default: probabilities differ" in r.output
-    assert ex.list_versions(base) == []
-    assert [p.name for p in base.iterdir()] == [ex.FAILED_REPORT]
-    failed = json.loads((base / ex.FAILED_REPORT).read_text())
+    assert layout.list_versions(base) == []
+    assert [p.name for p in base.iterdir()] == [layout.FAILED_REPORT]
+    failed = json.loads((base / layout.FAILED_REPORT).read_text())
     assert failed["parity"]["passed"] is False
     assert failed["parity"]["signatures"]["serving_pixels"]["max_abs_diff"] <= 1e-4
     assert any("signature serving_default is missing" in p for p in failed["parity"]["problems"])
 
 
 def test_compare_parity_catches_top1_and_name_mismatches(run):
-    images = [ex.LabelledImage(f"k{i}", "ring", encode(noisy((20 + i, 30, 3), i), "PNG")) for i in range(3)]
+    images = [samples.LabelledImage(f"k{i}", "ring", encode(noisy((20 + i, 30, 3), i), "PNG")) for i in range(3)]
     probs = keras_reference(run, [im.data for im in images])
     k = run.k
     order = np.argsort(-probs, axis=1)[:, :k]
@@ -303,32 +306,32 @@ def test_compare_parity_catches_top1_and_name_mismatches(run):
     embed = {"embedding": vectors.tolist(), "valid": [True] * 3, "error": [""] * 3}
     good = {"serving_default": outputs(probs), "serving_pixels": pixels_rows(probs), "embed": embed,
             "jewelclf_imported": False}
-    passed = ex.compare_parity(run, images, good)
+    passed = parity_check.compare_parity(run, images, good)
     assert passed["passed"], passed["problems"]
     assert passed["signatures"]["embed"]["max_abs_diff"] <= 1e-6
 
     # embed: a vector off by more than the tolerance, a missing signature, an invalid row
     off = vectors.copy()
     off[2] = np.roll(off[2], 1)
-    result = ex.compare_parity(run, images, {**good, "embed": {**embed, "embedding": off.tolist()}})
+    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "embedding": off.tolist()}})
     assert not result["passed"]
     assert any(p.startswith("embed: embeddings differ from the Keras embedding") for p in result["problems"])
     assert any(p.startswith("embed: cosine with the Keras embedding") for p in result["problems"])
-    result = ex.compare_parity(run, images, {k_: v for k_, v in good.items() if k_ != "embed"})
+    result = parity_check.compare_parity(run, images, {k_: v for k_, v in good.items() if k_ != "embed"})
     assert not result["passed"] and any("embed: the fresh process got no output" in p for p in result["problems"])
-    result = ex.compare_parity(run, images, {**good, "embed": {**embed, "valid": [True, False, True]}})
+    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "valid": [True, False, True]}})
     assert result["problems"] == ["embed: vectors are not all valid unit vectors"]
 
     rolled = probs.copy()
     rolled[1] = np.roll(probs[1], 1)  # same values, another top-1
     assert rolled[1].argmax() != probs[1].argmax()
-    result = ex.compare_parity(run, images, {**good, "serving_pixels": pixels_rows(rolled)})
+    result = parity_check.compare_parity(run, images, {**good, "serving_pixels": pixels_rows(rolled)})
     assert not result["passed"]
     assert "serving_pixels: top-1 differs from the Keras model on 1 of 3 images" in result["problems"]
 
-    result = ex.compare_parity(run, images, {**good, "serving_default": outputs(probs, names_ok=False)})
+    result = parity_check.compare_parity(run, images, {**good, "serving_default": outputs(probs, names_ok=False)})
     assert not result["passed"] and any("disagree" in p for p in result["problems"])
-    result = ex.compare_parity(run, images, {**good, "jewelclf_imported": True})
+    result = parity_check.compare_parity(run, images, {**good, "jewelclf_imported": True})
     assert not result["passed"]
 
 
@@ -405,7 +408,8 @@ def test_embed_matches_the_keras_embedding_and_the_index(loaded, run, tmp_path):
     """``embed`` on bytes of several formats and odd sizes equals ``embedding_model`` on the
     same decoded pixels, and the vectors ``jewelclf index`` stores for the same files, so a
     served query vector finds its own photo in an index of the same model."""
-    from jewelclf.search.index import build_index, load_index
+    from jewelclf.search.build import build_index
+    from jewelclf.search.index import load_index
 
     arrays = [noisy((17, 91, 3), 11, (200, 40, 40)), noisy((33, 33, 3), 12, (40, 200, 40)),
               noisy((250, 9, 3), 13, (40, 40, 200)), noisy((64, 48, 3), 14)]
@@ -445,7 +449,8 @@ def test_embed_flags_invalid_images_and_answers_the_others(loaded, run):
     assert "truncated JPEG" in errors[1] and errors[2].startswith("not a supported image")
     assert errors[3].startswith("empty input")
     # the same reasons as serving_default gives for the same batch
-    assert errors == [e.decode() for e in loaded.signatures["serving_default"](images=tf.constant(batch))["error"].numpy()]
+    served = loaded.signatures["serving_default"](images=tf.constant(batch))
+    assert errors == [e.decode() for e in served["error"].numpy()]
     vectors = out["embedding"].numpy()
     assert vectors.shape == (5, 16) and not vectors[~valid].any()
     np.testing.assert_allclose(vectors[[0, 4]], keras_embedding(run, [good_jpeg, good_png]), atol=1e-5)
@@ -517,12 +522,12 @@ def test_export_cli_errors(tiny_run, tmp_path):
     assert r.exit_code == 2 and "--version applies to --format savedmodel" in r.output
     r = runner.invoke(main, ["export", str(tiny_run), "--quantize", "int4"])
     assert r.exit_code == 2 and "int4" in r.output
-    assert not (tmp_path / "o").exists() or ex.list_versions(tmp_path / "o") == []
+    assert not (tmp_path / "o").exists() or layout.list_versions(tmp_path / "o") == []
 
 
 def test_default_output_is_exported_models_run_name(tmp_path):
-    assert ex.default_output(tmp_path / "runs" / "vgg16", "savedmodel") == Path("exported_models/vgg16")
-    assert ex.default_output(tmp_path / "runs" / "vgg16", "tflite") == Path("exported_models/vgg16_tflite")
+    assert layout.default_output(tmp_path / "runs" / "vgg16", "savedmodel") == Path("exported_models/vgg16")
+    assert layout.default_output(tmp_path / "runs" / "vgg16", "tflite") == Path("exported_models/vgg16_tflite")
 
 
 def test_embed_layer_hidden_without_a_hidden_layer_is_one_line(tiny_run, tmp_path):
@@ -531,7 +536,7 @@ def test_embed_layer_hidden_without_a_hidden_layer_is_one_line(tiny_run, tmp_pat
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(out), "--embed-layer", "hidden"])
     assert r.exit_code != 0
     assert r.output.strip().count("\n") == 0 and "head_units" in r.output, r.output
-    assert not out.exists() or ex.list_versions(out) == []
+    assert not out.exists() or layout.list_versions(out) == []
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--format", "keras", "--output",
                                   str(tmp_path / "k"), "--embed-layer", "hidden"])
     assert r.exit_code != 0 and "--embed-layer applies to --format savedmodel only" in r.output

@@ -23,7 +23,7 @@ def test_savedmodel_accuracy_equals_keras_on_the_test_split(tmp_path):
     if not run_dir or not data or not Path(run_dir, "model.keras").is_file():
         pytest.skip("set JEWELCLF_EXPORT_RUN to a finished run on JEWELCLF_DATA")
     from jewelclf.evaluation.evaluate import evaluate_run
-    from jewelclf.export.savedmodel import export_run
+    from jewelclf.export.run import export_run
 
     report = export_run(Path(run_dir), "savedmodel", output=tmp_path / "m", test_data=data, log=print)
     acc = report["test_accuracy"]

@@ -110,7 +110,7 @@ def test_deterministic_runs_in_two_processes_are_identical(tmp_path):
     import keras
     import numpy as np
 
-    import jewelclf.modeling.layers  # noqa: F401  registers the model's own layers for load_model
+    import jewelclf.modeling.registry  # noqa: F401  registers the model's own layers for load_model
 
     data = make_split_folder(tmp_path / "data", train=8, test=3)
     tiny_cli = TESTS / "tiny_cli.py"
@@ -136,7 +136,7 @@ def test_deterministic_runs_in_two_processes_are_identical(tmp_path):
 def _one_line_error(result):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = [l for l in result.output.strip().splitlines() if l.startswith("error:")]
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1
     return lines[0]
 

@@ -191,7 +191,7 @@ def test_a_link_out_of_the_manifests_folder_is_refused(csv_root):
 
 
 def test_index_skus_follow_the_normalised_paths(tmp_path):
-    from jewelclf.search.index import _csv_skus
+    from jewelclf.search.build import csv_skus as _csv_skus
 
     p = tmp_path / "cat.csv"
     p.write_text("path,label,sku\n./img//a.jpg,ring,SKU-1\n", encoding="utf-8")

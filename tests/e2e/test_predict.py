@@ -25,6 +25,7 @@ from click.testing import CliRunner
 
 from jewelclf.cli import main
 from jewelclf.inference import predict as pr
+from jewelclf.inference import predictors
 
 from conftest import make_image
 from export_helpers import exported_tiny
@@ -79,7 +80,7 @@ def test_predict_savedmodel_table_json_and_bad_files(exported, images):
 
 def test_local_formats_agree(exported, images, tiny_run, tmp_path):
     """The SavedModel, the run dir's .keras, and a TFLite export give the same answers."""
-    from jewelclf.export.savedmodel import export_tflite
+    from jewelclf.export.tflite import export_tflite
 
     files = [images / name for name in GOOD]
     saved = pr.predict_files(pr.load_predictor(exported), files, top_k=3)
@@ -150,12 +151,12 @@ def tf_serving_row_format_to_tensors(body: dict, signature_inputs: dict[str, tf.
 def test_request_body_matches_documented_format_and_feeds_the_signature(exported, images):
     files = [images / name for name in GOOD]
     data = [f.read_bytes() for f in files]
-    body = pr.predict_request_body(data)
+    body = predictors.predict_request_body(data)
     assert json.loads(json.dumps(body)) == body
     assert body == {"signature_name": "serving_default",
                     "instances": [{"b64": base64.b64encode(d).decode()} for d in data]}
-    assert pr.predict_url("http://h:8501/", "jewellery") == "http://h:8501/v1/models/jewellery:predict"
-    assert pr.predict_url("h:8501", "jewellery", 3) == "http://h:8501/v1/models/jewellery/versions/3:predict"
+    assert predictors.predict_url("http://h:8501/", "jewellery") == "http://h:8501/v1/models/jewellery:predict"
+    assert predictors.predict_url("h:8501", "jewellery", 3) == "http://h:8501/v1/models/jewellery/versions/3:predict"
 
     loaded = tf.saved_model.load(str(exported / "1"))
     fn = loaded.signatures[body["signature_name"]]
@@ -226,7 +227,7 @@ def test_server_client_wire_format(stub, images):
     (req,) = requests
     assert req["path"] == "/v1/models/jewellery/versions/3:predict"
     assert req["content_type"] == "application/json"
-    assert req["body"] == pr.predict_request_body([f.read_bytes() for f in files])
+    assert req["body"] == predictors.predict_request_body([f.read_bytes() for f in files])
     rows = _json_rows(r.stdout)
     assert rows[0]["class"] == "watch" and rows[0]["score"] == 0.7
     assert [t["class"] for t in rows[0]["top_k"]] == ["watch", "necklace", "ring"]

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
-from jewelclf.search.index import ANN_FILE, MANIFEST, META, VECTORS, build_index, exact_search, load_index
+from jewelclf.search.build import build_index
+from jewelclf.search.index import ANN_FILE, MANIFEST, META, VECTORS, exact_search, load_index
 
 from conftest import make_class_folder, make_image
 
@@ -88,7 +89,7 @@ def test_index_writes_vectors_manifest_and_meta(built, tiny_run):
 def test_index_vectors_are_the_keras_embeddings(built, tiny_run, catalogue):
     import tensorflow as tf
 
-    import jewelclf.modeling.layers  # noqa: F401
+    import jewelclf.modeling.registry  # noqa: F401
     from jewelclf.data.images import load_image
     from jewelclf.modeling.embedding import embedding_model
 
@@ -261,7 +262,7 @@ def test_similar_skips_unreadable_queries_and_fails_when_none_is_readable(built,
 
 
 def test_similar_refuses_an_index_whose_model_changed(tiny_run, catalogue, tmp_path):
-    import jewelclf.modeling.layers  # noqa: F401
+    import jewelclf.modeling.registry  # noqa: F401
 
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)
@@ -333,13 +334,13 @@ def test_group_column_is_the_sku(tiny_run, tmp_path):
 
 
 def test_manifest_rows_read_back_alone_whatever_the_path(tmp_path):
-    from jewelclf.search.index import Item, SearchIndex, _manifest_bytes
+    from jewelclf.search.index import Item, SearchIndex, manifest_bytes
 
     items = [Item(0, "rings/plain.jpg", "/c/rings/plain.jpg", "ring"),
              Item(3, 'rings/comma, "quote".jpg', '/c/rings/comma, "quote".jpg', "ring", "SKU,1"),
              Item(7, "rings/new\nline.jpg", "/c/rings/new\nline.jpg", "ring", size=5, mtime_ns=9),
              Item(8, "bagues/émeraude–₂.jpg", "/c/bagues/émeraude–₂.jpg", "bague", sha256="ab" * 32)]
-    data, offsets = _manifest_bytes(items)
+    data, offsets = manifest_bytes(items)
     (tmp_path / MANIFEST).write_bytes(data)
     index = SearchIndex(tmp_path, {}, np.zeros((4, 2), np.float32), np.array([0, 3, 7, 8], np.uint64),
                         np.array([1, 1, 1, 0]), ["bague", "ring"], offsets)

@@ -25,7 +25,7 @@ from jewelclf.data.sources import Record
 from jewelclf.data.validate import check_bytes
 from jewelclf.display import error_text, quote_name
 from jewelclf.errors import JewelclfError
-from jewelclf.inference import predict as pr
+from jewelclf.inference import predictors
 
 from conftest import make_image
 
@@ -137,7 +137,7 @@ def test_a_png_past_the_decoder_limit_is_too_large_not_corrupt():
     assert "TensorFlow can decode" in check.reason
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         tf.io.decode_image(data, channels=0, expand_animations=False)
-    reason = pr._decode_failure(data, e.value)
+    reason = predictors._decode_failure(data, e.value)
     assert reason.startswith("too large") and "{{" not in reason, reason
     # Under the default limit the data.max_pixels message comes first, as before.
     assert "data.max_pixels=50000000" in check_bytes(Record("big.png", "big.png", "ring"), data, 50_000_000, 8).reason

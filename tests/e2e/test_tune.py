@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from jewelclf.cli import main
 from jewelclf.config import from_dict, resolve
-from jewelclf.tuning.tune import TwoStageHyperModel
+from jewelclf.tuning.hypermodel import TwoStageHyperModel
 
 from conftest import TESTS, make_split_folder, tiny_tune_files
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jewelclf import bars
-from jewelclf.data.audit import _hamming_pairs, fingerprint_records
+from jewelclf.data.fingerprint import fingerprint_records, hamming_pairs
 from jewelclf.data.sources import load_source
 from jewelclf.data.validate import check_records
 
@@ -69,7 +69,7 @@ def test_no_bar_when_stderr_is_not_a_terminal(records, capsys, monkeypatch):
     monkeypatch.setattr(bars, "DELAY", 0)
     check_records(records, 10**8, 8, workers=2)
     fingerprint_records(records, workers=2)
-    _hamming_pairs(np.zeros((300, 32), np.uint8), 12)
+    hamming_pairs(np.zeros((300, 32), np.uint8), 12)
     out, err = capsys.readouterr()
     assert out == "" and err == ""
     assert bars.bar(10, "x").disable
@@ -86,7 +86,7 @@ def test_no_bar_for_nothing_or_a_workload_that_ends_within_the_delay(monkeypatch
 
 def test_the_near_duplicate_search_counts_every_pair(terminal):
     hashes = np.random.default_rng(0).integers(0, 256, (1200, 32), dtype=np.uint8)  # 2 blocks
-    _hamming_pairs(hashes, 12)
+    hamming_pairs(hashes, 12)
     assert counted(terminal, "near-duplicate search") == (1200 * 1199 // 2,) * 2
 
 
@@ -95,7 +95,7 @@ def test_stage1_feature_pass_and_predict_count_images(terminal, tmp_path):
     import tensorflow as tf
 
     from jewelclf.inference.predict import predict_files
-    from jewelclf.training.trainer import _features
+    from jewelclf.training.features import _features
 
     extractor = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.GlobalAveragePooling2D()])
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((10, 4, 4, 3), "float32"),

@@ -152,7 +152,8 @@ def test_serving_signature_flags_an_animated_webp_and_classifies_the_rest(tiny_r
     # a fresh process that imports TensorFlow only, as TF Serving would: it must survive
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    proc = subprocess.run([sys.executable, "-c", SERVE, str(exported / "1")], input=json.dumps([b.hex() for b in batch]),
+    proc = subprocess.run([sys.executable, "-c", SERVE, str(exported / "1")],
+                          input=json.dumps([b.hex() for b in batch]),
                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SERVE-JSON "))

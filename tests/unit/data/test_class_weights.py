@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
+from jewelclf.data.prepare import class_weights
 from jewelclf.data.sources import Record
-from jewelclf.training.trainer import class_weights
 
 NAMES = ["bracelet", "earring", "necklace", "ring"]
 

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from jewelclf.config import DataConfig
-from jewelclf.data.audit import check_data, fingerprint
+from jewelclf.data.audit import check_data
+from jewelclf.data.fingerprint import fingerprint
 from jewelclf.data.images import decode_rgb, load_image
 from jewelclf.data.pipeline import decoded_dataset
 from jewelclf.data.sources import Record, load_source
@@ -107,7 +108,7 @@ def test_fuzz_check_bytes_and_fingerprint(data):
     record = Record("/fuzz/x.jpg", "x.jpg", "ring")
     check = check_bytes(record, data, MAX_PIXELS, 1)
     assert_sound(check, record, data)
-    fp = fingerprint(data, MAX_PIXELS)  # used on every readable file by find_split_leakage
+    fp = fingerprint(data, MAX_PIXELS)  # used on every readable file by check_split_leakage
     assert len(fp.sha256) == 64 and (fp.phash is None or len(fp.phash) == 32)
 
 

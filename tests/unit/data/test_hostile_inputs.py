@@ -16,11 +16,12 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
-import jewelclf.data.audit as report_mod
+import jewelclf.data.fingerprint as report_mod
 import jewelclf.data.validate as check_mod
 from jewelclf.cli import main
 from jewelclf.config import DataConfig
-from jewelclf.data.audit import check_data, find_split_leakage
+from jewelclf.data.audit import check_data
+from jewelclf.data.leakage import check_split_leakage
 from jewelclf.data.pipeline import decoded_dataset
 from jewelclf.data.sources import Record, load_source
 from jewelclf.data.validate import MAX_FILE_BYTES, check_file, check_records
@@ -293,7 +294,8 @@ def test_decode_bomb_20000_px_is_refused_from_its_header(tmp_path, monkeypatch, 
     monkeypatch.setattr(report_mod, "perceptual_hash", spy_hash)
     t0 = time.perf_counter()
     rep = within(60, check_data, str(root), workers=2)
-    leaks = within(60, find_split_leakage, load_source(str(root)).records)
+    found = within(60, check_split_leakage, load_source(str(root)).records)
+    leaks = found.exact_groups + found.near_groups
     assert time.perf_counter() - t0 < 30
     assert [(r["file"], r["reason"]) for r in rep["rejected"]] == [(f"ring/{name}", reason)]
     assert len(decoded) == 4 and len(data) not in decoded      # the 4 good files only

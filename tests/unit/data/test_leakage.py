@@ -186,7 +186,7 @@ def test_config_keys_load_from_yaml_and_are_type_checked(tmp_path):
 
 def test_fit_reads_each_file_once_for_the_check_and_the_leakage_hash(tmp_path, monkeypatch):
     # The leakage hashes are taken from the bytes the data check reads (issue 15, item 9).
-    from jewelclf.training.trainer import prepare_data
+    from jewelclf.data.prepare import prepare_data
 
     root = photo_folder(tmp_path / "d")
     photo(101).resize((120, 96), Image.Resampling.BICUBIC).save(root / "test/watch/small.png")
@@ -253,7 +253,7 @@ def _saved(tmp_path, c):
 
 def test_fit_reads_each_tfds_example_once(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from jewelclf.training import trainer as training
+    from jewelclf.data import prepare as training
 
     yielded: Counter = Counter()
     real = training.tfds_bytes

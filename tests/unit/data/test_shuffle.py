@@ -8,8 +8,8 @@ import tensorflow as tf
 from jewelclf import config as cfg
 from jewelclf.data.images import load_image
 from jewelclf.data.pipeline import decoded_dataset, shuffled_dataset
+from jewelclf.data.prepare import PreparedData, make_datasets
 from jewelclf.data.sources import load_source
-from jewelclf.training.trainer import PreparedData, make_datasets
 
 from conftest import make_class_folder
 

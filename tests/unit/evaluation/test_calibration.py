@@ -20,7 +20,7 @@ from scipy.special import softmax
 
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import calibration as cal
-from jewelclf.evaluation.evaluate import compute_metrics
+from jewelclf.evaluation.metrics import compute_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -265,8 +265,8 @@ def test_predict_with_a_run_applies_its_temperature(tiny_run, tmp_path):
     import tensorflow as tf
 
     from jewelclf.data.images import load_image
-    from jewelclf.export.savedmodel import keras_probabilities
     from jewelclf.inference.predict import load_predictor
+    from jewelclf.inference.runtime import keras_probabilities
 
     predictor = load_predictor(_copy_run(tiny_run, tmp_path / "scaled", temperature=2.5))
     assert predictor.temperature == 2.5
@@ -279,7 +279,8 @@ def test_predict_with_a_run_applies_its_temperature(tiny_run, tmp_path):
 
 
 def test_target_accuracy_flag_and_its_range(class_folder, tmp_path):
-    from jewelclf.cli import _overrides, main
+    from jewelclf.cli import main
+    from jewelclf.cli_options import overrides as _overrides
     from jewelclf.config import resolve
 
     assert resolve(None, _overrides(target_accuracy=0.9)).train.target_accuracy == 0.9

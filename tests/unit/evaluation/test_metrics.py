@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from jewelclf.evaluation.evaluate import compute_metrics
+from jewelclf.evaluation.metrics import compute_metrics
 
 NAMES = [f"c{i}" for i in range(8)]
 

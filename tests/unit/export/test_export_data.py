@@ -14,7 +14,7 @@ import yaml
 
 from jewelclf import runs
 from jewelclf.errors import JewelclfError
-from jewelclf.export import savedmodel as ex
+from jewelclf.export import samples
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def moved_run(tiny_run, tmp_path, monkeypatch):
 
 
 def test_run_images_work_from_another_folder(moved_run):
-    images = ex.run_images(runs.load_run(moved_run), ["test", "val", "train"], 4)
+    images = samples.run_images(runs.load_run(moved_run), ["test", "val", "train"], 4)
     assert len(images) == 4 and all(im.data for im in images)
 
 
@@ -43,4 +43,4 @@ def test_run_images_use_the_runs_data_limits(moved_run):
     config["data"]["min_image_side"] = 1000  # the generated images are 40 x 48
     (moved_run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(JewelclfError, match="no readable images"):
-        ex.run_images(runs.load_run(moved_run), ["test"], 4)
+        samples.run_images(runs.load_run(moved_run), ["test"], 4)

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
+from jewelclf.export import layout, staging
 from jewelclf.export import savedmodel as ex
 
 from export_helpers import exported_tiny
@@ -45,7 +46,7 @@ def _age(path: Path, seconds: float) -> None:
 def test_a_live_export_of_another_host_is_kept_though_its_pid_means_nothing_here(tmp_path):
     """Another container's export: its folder names a pid that is no process here, and its
     heartbeat stalled an hour ago, but it holds its lock: it is kept. (Removed before.)"""
-    other = tmp_path / f"{ex.TMP_PREFIX}999999-0a1b"  # the old naming: pid 999999 is not alive here
+    other = tmp_path / f"{staging.TMP_PREFIX}999999-0a1b"  # the old naming: pid 999999 is not alive here
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(other)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -69,9 +70,9 @@ def test_an_unlocked_folder_is_removed_only_once_its_heartbeat_is_stale(tmp_path
 
     live = staging.Staging(tmp_path)
     try:
-        legacy = tmp_path / f"{ex.TMP_PREFIX}{os.getpid()}-cd"  # an older jewelclf's: no lock inside
+        legacy = tmp_path / f"{staging.TMP_PREFIX}{os.getpid()}-cd"  # an older jewelclf's: no lock inside
         legacy.mkdir()
-        crashed = tmp_path / f"{ex.TMP_PREFIX}0c0ffee"
+        crashed = tmp_path / f"{staging.TMP_PREFIX}0c0ffee"
         crashed.mkdir()
         (crashed / staging.LOCK).touch()
         assert ex.cleanup_stale_temp(tmp_path, **QUIET) == []  # all fresh
@@ -146,7 +147,7 @@ def test_a_version_that_appears_at_the_final_rename_is_a_one_line_error(tiny_run
     lines = [ln for ln in r.output.splitlines() if "appeared while exporting" in ln]
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
     assert (final / "saved_model.pb").read_text() == "theirs"
-    assert not [p for p in base.iterdir() if p.name.startswith(ex.TMP_PREFIX)]
+    assert not [p for p in base.iterdir() if p.name.startswith(staging.TMP_PREFIX)]
 
 
 def _children(pid: int) -> list[int]:
@@ -185,7 +186,7 @@ def test_kill_9_of_an_export_takes_its_parity_child_and_leaves_nothing_outside(t
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None and not children:
-            children = [c for c in _children(proc.pid) if b"PARITY-JSON" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            children = [c for c in _children(proc.pid) if b"parity_child.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
             time.sleep(0.05)
         assert children, "the export never started its parity check"
         time.sleep(1.0)  # the child is past its start
@@ -204,8 +205,8 @@ def test_kill_9_of_an_export_takes_its_parity_child_and_leaves_nothing_outside(t
             proc.wait(timeout=30)
     # (TensorFlow's own AutoGraph files may be there: they are not the export's.)
     assert not [p.name for p in scratch.iterdir() if not p.name.startswith("__autograph_generated_file")]
-    assert ex.list_versions(base) == []
+    assert layout.list_versions(base) == []
     left = [p.name for p in base.iterdir()]
-    assert len(left) == 1 and left[0].startswith(ex.TMP_PREFIX), left
+    assert len(left) == 1 and left[0].startswith(staging.TMP_PREFIX), left
     assert ex.cleanup_stale_temp(base, now=time.time() + LATER, **QUIET) == left
     assert list(base.iterdir()) == []

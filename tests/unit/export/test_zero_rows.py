@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from jewelclf import runs
-from jewelclf.export import savedmodel as ex
+from jewelclf.export import serving
 
 
 def _refusing_empty(fn):
@@ -35,7 +35,7 @@ def test_run_on_valid_rows_never_calls_the_network_on_zero_rows(valid):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32), tf.TensorSpec([None], tf.bool)])
     def graph(x, valid):
-        return ex.run_on_valid_rows(_refusing_empty(network), x, valid, 2)
+        return serving.run_on_valid_rows(_refusing_empty(network), x, valid, 2)
 
     out = graph(x, tf.constant(valid, tf.bool)).numpy()
     assert out.shape == (len(valid), 2) and out.dtype == np.float32
@@ -47,15 +47,15 @@ def test_run_on_valid_rows_never_calls_the_network_on_zero_rows(valid):
 def test_every_serving_graph_guards_the_network(run, tmp_path, monkeypatch):
     """``serving_default``, ``serving_pixels`` and ``embed`` of a written SavedModel answer an
     empty request and an all-invalid one without running the network on zero rows."""
-    real = ex.run_on_valid_rows
+    real = serving.run_on_valid_rows
     wrapped = []
 
     def spy(fn, x, valid, dim):
         wrapped.append(dim)
         return real(_refusing_empty(fn), x, valid, dim)
 
-    monkeypatch.setattr(ex, "run_on_valid_rows", spy)
-    ex.build_archive(run).write_out(str(tmp_path / "sm"), verbose=False)
+    monkeypatch.setattr(serving, "run_on_valid_rows", spy)
+    serving.build_archive(run).write_out(str(tmp_path / "sm"), verbose=False)
     assert len(wrapped) >= 3  # each signature's network goes through the guard
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     n = len(run.class_names)

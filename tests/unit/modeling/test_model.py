@@ -6,7 +6,7 @@ from jewelclf import config as cfg
 from jewelclf.errors import JewelclfError
 from jewelclf.modeling.backbones import BACKBONES, get_backbone
 from jewelclf.modeling.classifier import build_classifier, feature_extractor, unfreeze_top_blocks
-from jewelclf.modeling.layers import BackbonePreprocessing
+from jewelclf.modeling.preprocessing import BackbonePreprocessing
 
 
 def _config(**model):
@@ -86,7 +86,7 @@ def test_unfreeze_top_blocks_vgg16():
     conf = cfg.resolve(None, {"model": {"backbone": "vgg16", "weights": "none"}, "data": {"image_size": 32}})
     model = build_classifier(conf, 3)
     assert unfreeze_top_blocks(model, get_backbone("vgg16"), 1) == ["block5"]
-    trainable = {l.name for l in model.get_layer("backbone").layers if l.trainable and l.weights}
+    trainable = {layer.name for layer in model.get_layer("backbone").layers if layer.trainable and layer.weights}
     assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
     assert unfreeze_top_blocks(model, get_backbone("vgg16"), 2) == ["block5", "block4"]
 
@@ -96,23 +96,23 @@ def test_batchnorm_stays_frozen_while_fine_tuning():
     spec = get_backbone("tiny_cnn")
     unfreeze_top_blocks(model, spec, 2)
     base = model.get_layer("backbone")
-    bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert bn and not any(l.trainable for l in bn)
-    before_bn = [np.asarray(w).copy() for l in bn for w in l.weights]
+    bn = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
+    before_bn = [np.asarray(w).copy() for layer in bn for w in layer.weights]
     before_conv = np.asarray(base.get_layer("block2_conv").kernel).copy()
     model.compile(keras.optimizers.Adam(0.05), "categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32") * 3  # far from BN's stats
     y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
-    after_bn = [np.asarray(w) for l in bn for w in l.weights]
+    after_bn = [np.asarray(w) for layer in bn for w in layer.weights]
     for a, b in zip(before_bn, after_bn):             # gamma, beta, moving mean and variance
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(before_conv, np.asarray(base.get_layer("block2_conv").kernel))
 
 
 def test_saved_model_reloads_identically(tmp_path):
-    import jewelclf.modeling.layers  # noqa: F401
+    import jewelclf.modeling.registry  # noqa: F401
 
     model = build_classifier(_config(), 3)
     x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")

@@ -20,8 +20,10 @@ from click.testing import CliRunner
 
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
-from jewelclf.search import index as search
-from jewelclf.search.index import MANIFEST, META, VECTORS, build_index, load_index
+from jewelclf.search import build
+from jewelclf.search import query as search
+from jewelclf.search.build import build_index
+from jewelclf.search.index import MANIFEST, META, VECTORS, load_index
 
 from conftest import REPO, make_class_folder
 
@@ -78,7 +80,7 @@ def query(catalogue):
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from jewelclf.search import index as search
+    from jewelclf.search import build, index as search
 
     out = Path(sys.argv[1])
     index = search.load_index(out, view=False)
@@ -92,7 +94,7 @@ CRASH_SCRIPT = textwrap.dedent("""
         return real_replace(src, dst, *a, **kw)
 
     os.replace = replace
-    search._write_index(out, meta, index.items, index.vectors, None, [])
+    build.write_index(out, meta, index.items, index.vectors, None, [])
     sys.exit(3)  # the crash did not happen
 """)
 
@@ -153,7 +155,7 @@ def test_a_failed_rename_keeps_the_previous_version(index, monkeypatch):
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(JewelclfError, match="could not move the new version of index"):
-        search._write_index(index, dict(loaded.meta, updated="never"), loaded.items,
+        build.write_index(index, dict(loaded.meta, updated="never"), loaded.items,
                             loaded.vectors, None, [])
     monkeypatch.undo()
     assert (index / META).read_text() == before
@@ -239,7 +241,7 @@ def test_nan_or_infinite_vectors_in_an_index_are_refused(index, query, tiny_run,
 def test_a_model_giving_nan_embeddings_is_refused_naming_the_image(tiny_run, catalogue, tmp_path):
     import keras
 
-    import jewelclf.modeling.layers  # noqa: F401
+    import jewelclf.modeling.registry  # noqa: F401
 
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)

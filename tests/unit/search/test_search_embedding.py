@@ -22,7 +22,7 @@ from conftest import make_image
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_run):
-    import jewelclf.modeling.layers  # noqa: F401
+    import jewelclf.modeling.registry  # noqa: F401
 
     return keras.saving.load_model(tiny_run / "model.keras", compile=False)
 
@@ -89,7 +89,7 @@ def test_embed_signature_bytes_in_matches_the_keras_embedding(tiny_run, tiny_mod
     bytes in, the same unit vectors as ``embed_records``, which ``jewelclf index`` stores."""
     from jewelclf.data.images import load_image
     from jewelclf.data.sources import load_source
-    from jewelclf.search.index import embed_records
+    from jewelclf.search.build import embed_records
 
     from export_helpers import exported_tiny
 

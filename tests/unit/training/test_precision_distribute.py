@@ -25,7 +25,9 @@ from jewelclf import config as cfg
 from jewelclf.cli import main
 from jewelclf.errors import JewelclfError
 from jewelclf.modeling.classifier import build_classifier
-from jewelclf.training.trainer import _compile, frozen_features, precision_policy, resolve_precision
+from jewelclf.training.features import frozen_features
+from jewelclf.training.runtime import precision_policy, resolve_precision
+from jewelclf.training.stages import _compile
 
 from conftest import TESTS, TINY_FLAGS, make_split_folder
 
@@ -114,7 +116,7 @@ def test_config_keys_defaults_yaml_and_errors(tmp_path):
 
 
 def test_cli_flags_map_onto_the_config(tmp_path):
-    from jewelclf.cli import _overrides
+    from jewelclf.cli_options import overrides as _overrides
 
     assert _overrides(precision="mixed_float16", jit_compile="off", distribute="mirrored") == {
         "train": {"precision": "mixed_float16", "jit_compile": "off", "distribute": "mirrored"}}
@@ -143,7 +145,7 @@ def test_fit_under_mixed_float16_with_cached_features(tmp_path):
     assert (saved["precision"], saved["jit_compile"], saved["distribute"]) == (
         "mixed_float16", "off", "none")
     assert (run_dir / "metrics.json").is_file()
-    import jewelclf.modeling.layers  # noqa: F401  registers the custom layers
+    import jewelclf.modeling.registry  # noqa: F401  registers the custom layers
 
     model = keras.saving.load_model(run_dir / "model.keras")
     # The saved layers keep their policy: the backbone's convolutions compute in float16.

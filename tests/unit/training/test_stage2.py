@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from jewelclf import config as cfg
+from jewelclf.data.prepare import PreparedData, make_datasets
 from jewelclf.data.sources import load_source
 from jewelclf.modeling.classifier import build_classifier
-from jewelclf.training.trainer import PreparedData, make_datasets, train_model, train_stage2
+from jewelclf.training.stages import train_model, train_stage2
 
 from conftest import make_class_folder
 
@@ -122,7 +123,7 @@ def test_no_better_epoch_restores_the_starting_weights(tmp_path, monkeypatch):
 
 
 def test_batchnorm_statistics_are_the_pretrained_ones_bit_for_bit_after_stage2(tmp_path, monkeypatch):
-    from jewelclf.training import trainer as training
+    from jewelclf.training import callbacks as training
 
     src = load_source(str(make_class_folder(tmp_path / "d", per_class=8)))
     config = cfg.resolve(None, {

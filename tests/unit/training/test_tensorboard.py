@@ -15,7 +15,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from jewelclf.cli import main
-from jewelclf.training import trainer as training
+from jewelclf.training import callbacks as training
 from jewelclf.training.tensorboard import EpochTensorBoard, tensorboard_callbacks
 
 from conftest import TINY_FLAGS, make_split_folder
