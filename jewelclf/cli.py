@@ -89,15 +89,18 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
               help="Which split to score. On the data the run trained on: the run's own split "
                    "from splits.csv (default test, else val; train only when asked). On other "
                    "data: DATA's split (default test if DATA has one, else all of it).")
+@click.option("--unknown", type=click.Path(path_type=Path),
+              help="A folder of photos of classes the run was never trained on (any layout): "
+                   "report how well k-NN distance to the training images flags them.")
 @VERBOSE
 @handle_errors
-def evaluate(run_dir, data, output, split, verbose):
+def evaluate(run_dir, data, output, split, unknown, verbose):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""
     start(verbose, data, run_dir)
     from jewelclf.evaluation.evaluate import evaluate_run
     from jewelclf.evaluation.metrics import format_report
 
-    metrics, out_dir = evaluate_run(run_dir, data, output, split)
+    metrics, out_dir = evaluate_run(run_dir, data, output, split, unknown)
     click.echo(format_report(metrics))
     if metrics.get("rejected_files"):
         click.echo(f"{metrics['rejected_files']} unreadable file(s) left out: {out_dir / 'rejected_files.csv'}")

@@ -19,6 +19,7 @@ import numpy as np
 from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import calibration as calibration_mod
+from jewelclf.evaluation import unknown_eval
 from jewelclf.evaluation.calibration import Calibration
 from jewelclf.evaluation.metrics import score
 from jewelclf.layout import METRICS
@@ -208,7 +209,7 @@ def default_output(run_dir: Path, data_spec: str, split: str) -> Path:
 
 
 def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
-                 split: str | None = None) -> tuple[dict[str, Any], Path]:
+                 split: str | None = None, unknown: Path | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a finished run's model on ``data_spec``; write the report; return it and its folder.
 
     The data's classes must be among the run's classes. Which images are scored is
@@ -217,7 +218,9 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     the split, its source, the number of images and a fingerprint of their list. Unreadable
     files are reported in ``rejected_files.csv`` and left out. The probabilities scored and
     written are calibrated with the run's temperature (:func:`score`); a run without a
-    calibration file is scored as it is, and the report says so.
+    calibration file is scored as it is, and the report says so. ``unknown``: a folder of photos
+    of untrained classes, scored against the known images under ``metrics["unknown"]``
+    (:mod:`jewelclf.evaluation.unknown_eval`).
     """
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
@@ -231,15 +234,18 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     info, config, class_names, model, calibration = run.info, run.config, run.class_names, run.model, run.calibration
     source = load_source(data_spec)
     source.refuse_conflicts()  # one image under two labels cannot be scored
+    plan = unknown_eval.prepare(unknown, run, source) if unknown is not None else None
     chosen = choose_records(run_dir, info, source, split)
     records = chosen.records
-    unknown = sorted({r.label for r in records} - set(class_names))
-    if unknown:
+    untrained = sorted({r.label for r in records} - set(class_names))
+    if untrained:
         raise JewelclfError(
-            f"'{data_spec}' has class(es) {', '.join(unknown)} that the model in '{run_dir}' was "
+            f"'{data_spec}' has class(es) {', '.join(untrained)} that the model in '{run_dir}' was "
             f"not trained on (it knows {', '.join(class_names)}); remove or rename them"
         )
     source.class_names = class_names
+    if plan is not None:
+        plan.load_training(source if chosen.from_run else None)
     out_dir = Path(output) if output else default_output(run_dir, data_spec, chosen.split)
     out_dir.mkdir(parents=True, exist_ok=True)
     checks = check_records(records, config.data.max_pixels, config.data.min_image_side,
@@ -249,6 +255,8 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     records = [c.record for c in checks if c.ok]
     if not records:
         raise JewelclfError(f"no readable images in '{data_spec}'; see {out_dir / 'rejected_files.csv'}")
+    if plan is not None:
+        plan.check_photos(config.data, out_dir)
     y_true, raw = predict_records(model, source, records, class_names, config)
     metrics, probs = score(y_true, raw, class_names, config.train.top_k, calibration)
     if calibration is None:
@@ -257,6 +265,8 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     metrics["data_key"] = data_key(data_spec)
     metrics.update(chosen.describe(records))
     metrics["rejected_files"] = n_rejected
+    if plan is not None:
+        metrics["unknown"] = plan.evaluate(source, records, y_true, probs, out_dir)
     write_evaluation(metrics, out_dir, prediction_rows(records, y_true, probs, class_names),
                      title=confusion_title(run_dir.name, chosen.split, len(records),
                                            data=None if chosen.from_run else data_spec))

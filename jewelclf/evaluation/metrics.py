@@ -91,6 +91,10 @@ def format_report(metrics: dict[str, Any]) -> str:
                  f"{metrics['top_k_accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   "
                  f"({total} images{_scored_what(metrics)})")
     lines.extend(_calibration_lines(metrics))
+    if metrics.get("unknown"):
+        from jewelclf.evaluation.unknown_eval import summary_line
+
+        lines.append(summary_line(metrics["unknown"]))
     if metrics.get("warning"):
         lines.append(f"warning: {metrics['warning']}")
     if metrics["most_confused"]:
