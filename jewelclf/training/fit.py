@@ -90,7 +90,7 @@ def _fit_non_chief(data_spec: str, config: Config, dist: Distribution, log: Log)
     log(f"worker {dist.task_index}: not the chief, so it writes only to {tmp} (removed at the "
         f"end); the chief writes the run dir")
     try:
-        with _sigterm_as_interrupt():
+        with _signals_as_interrupt():
             info = _fit_locked(data_spec, tmp / "run", config, False, False, log, dist)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,46 +137,60 @@ class RunInterrupted(JewelclfError):
 
 
 def _locked(run_dir: Path, work: Callable[[], dict[str, Any]], resumable: bool = True) -> dict[str, Any]:
-    with rd.run_lock(run_dir), _sigterm_as_interrupt():
+    with rd.run_lock(run_dir), _signals_as_interrupt() as signalled:
         try:
             return work()
         except JewelclfError:
             raise
         except Exception as e:
+            if signalled.is_set():
+                # The KeyboardInterrupt landed inside TensorFlow or Keras code whose cleanup then
+                # failed (seen: a TypeError from a half-built tf.data iterator); still Ctrl-C.
+                _interrupted(run_dir, resumable)
             # A full disk met outside jewelclf.runs's writes (an appended history row, a
             # TensorFlow cache file): one line, and the run stays resumable.
             if not fsio.is_disk_full(e):
                 raise
             raise fsio.DiskFullError(fsio.disk_full_message(e, run_dir)) from None
         except KeyboardInterrupt:
-            info = rd.read_run_info(run_dir)
-            if info is None or info.get("status") != "running":
-                raise
-            fsio.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "interrupted"})
-            if not resumable:
-                raise RunInterrupted(
-                    f"interrupted; a multi-worker run cannot be resumed: start it again on every "
-                    f"worker with --overwrite (run dir {run_dir})") from None
-            raise RunInterrupted(
-                f"interrupted; the epochs finished so far are saved. Resume with: "
-                f"jewelclf fit --resume --run-dir {run_dir}") from None
+            _interrupted(run_dir, resumable)
+
+
+def _interrupted(run_dir: Path, resumable: bool) -> None:
+    """Mark the run ``interrupted`` and raise :class:`RunInterrupted` with the way on; a run
+    that was not yet ``running`` re-raises the KeyboardInterrupt."""
+    info = rd.read_run_info(run_dir)
+    if info is None or info.get("status") != "running":
+        raise KeyboardInterrupt
+    fsio.atomic_write_json(run_dir / rd.RUN_INFO, {**info, "status": "interrupted"})
+    if not resumable:
+        raise RunInterrupted(
+            f"interrupted; a multi-worker run cannot be resumed: start it again on every "
+            f"worker with --overwrite (run dir {run_dir})") from None
+    raise RunInterrupted(
+        f"interrupted; the epochs finished so far are saved. Resume with: "
+        f"jewelclf fit --resume --run-dir {run_dir}") from None
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (a scheduler's or ``kill``'s stop) like Ctrl-C, so it saves the same way."""
+def _signals_as_interrupt():
+    """Ctrl-C and SIGTERM (a scheduler's or ``kill``'s stop) both raise KeyboardInterrupt, so
+    they save the same way; the event yielded says that one came."""
+    signalled = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield signalled
         return
 
     def interrupt(signum, frame):
+        signalled.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield signalled
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
