@@ -34,7 +34,9 @@ class DataConfig:
     test_fraction: float = 0.0
     """Share held out for testing when DATA has no test split (0 means: no test split)."""
     resize: str = "squash"
-    """``squash`` resizes the whole photo to a square; ``crop`` centre-crops to a square first."""
+    """``squash`` resizes the whole photo to a square; ``crop`` centre-crops to a square first;
+    ``pad`` letterboxes it onto a square of its own background colour (white when its border is
+    not one colour) first, keeping the aspect ratio of long pieces such as necklaces."""
     cache: str = "auto"
     """Decoded-image cache: ``memory``, ``disk`` (in the run dir), ``none``, or ``auto``."""
     cache_memory_limit_mb: int = 2048
@@ -158,7 +160,7 @@ MAX_SEED = 2**32 - 1
 """The largest ``train.seed``: NumPy's and Keras' seeds are unsigned 32-bit integers."""
 
 _CHOICES = {
-    "data.resize": ("squash", "crop"),
+    "data.resize": ("squash", "crop", "pad"),
     "data.cache": ("auto", "memory", "disk", "none"),
     "train.class_weight": ("auto", "balanced", "none"),
     "train.stage1.cache_features": ("auto", "on", "off"),

@@ -19,6 +19,7 @@ from jewelclf.data.formats import (  # noqa: F401  (re-exported: the decoders' v
     sniff_format,
     unsupported_reason,
 )
+from jewelclf.data.letterbox import background_colour, border_pixels, pad_square
 from jewelclf.errors import JewelclfError
 
 
@@ -216,7 +217,10 @@ def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     """Resize uint8 RGB (or gray, ``[H, W, 1]``, which comes back as RGB) to ``[size, size, 3]``
     uint8, rounded.
 
-    ``squash`` resizes the whole frame; ``crop`` takes the central square first. A side that
+    ``squash`` resizes the whole frame; ``crop`` takes the central square first; ``pad`` first
+    centres the photo on a square canvas of its background colour (the median of its outermost
+    two-pixel frame, or white when that frame is not one colour: :mod:`jewelclf.data.letterbox`),
+    so that a long necklace keeps its aspect ratio. A side that
     shrinks by 2x or more is shrunk by area averaging (an exact box filter, so a 17x downscale
     of a fine chain does not alias), then grown bilinearly if the other side is smaller than
     ``size``; otherwise the resize is bilinear. Together they are closer to a Lanczos reference
@@ -224,6 +228,8 @@ def resize_rgb(image: tf.Tensor, size: int, mode: str = "squash") -> tf.Tensor:
     """
     if mode == "crop":
         image = _center_square(image)
+    elif mode == "pad":
+        image = pad_square(image, background_colour(border_pixels(image)))
     return _to_uint8(_gray_to_rgb(_resize_planes([image], size)[0]))
 
 
@@ -261,6 +267,20 @@ def _premultiplied_planes(image: tf.Tensor) -> list[tf.Tensor]:
                        tf.uint16) for s in (0, 8)]
 
 
+def _letterbox_premultiplied(image: tf.Tensor, planes: list[tf.Tensor]) -> list[tf.Tensor]:
+    """:func:`_premultiplied_planes` ``planes`` of gray+alpha or RGB+alpha ``image`` on the
+    canvas that ``pad`` gives the image composited onto white: the background colour is read
+    from the composited border alone, and the margins hold its opaque premultiplied value."""
+    frame = border_pixels(image)
+    colour = background_colour(_composite_on_white(frame[:, :-1], frame[:, -1:]))
+    inverse = (255 - tf.cast(colour, tf.uint16)) * 255
+    if len(planes) == 1:
+        fills = [inverse]
+    else:  # the planes' lanes: (red, blue) and (green, alpha's product, dropped after the resize)
+        fills = [tf.stack([inverse[0], inverse[2]]), tf.stack([inverse[1], tf.constant(0, tf.uint16)])]
+    return [pad_square(plane, fill) for plane, fill in zip(planes, fills)]
+
+
 def _resize_composited(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     """Gray+alpha or RGB+alpha uint8 to the RGB that :func:`resize_rgb` would make of it
     composited onto white, without a full-size float pass.
@@ -273,7 +293,10 @@ def _resize_composited(image: tf.Tensor, size: int, mode: str) -> tf.Tensor:
     """
     if mode == "crop":
         image = _center_square(image)
-    planes = _resize_planes(_premultiplied_planes(image), size)
+    planes = _premultiplied_planes(image)
+    if mode == "pad":
+        planes = _letterbox_premultiplied(image, planes)
+    planes = _resize_planes(planes, size)
     if len(planes) == 1:
         premultiplied = _gray_to_rgb(planes[0])
     else:
