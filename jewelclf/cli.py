@@ -129,18 +129,21 @@ def evaluate(run_dir, data, output, split, unknown, verbose):
               show_default=True,
               help="savedmodel: the embedding the 'embed' signature serves; use the --layer your "
                    "`jewelclf index` was built with.")
+@click.option("--review-threshold", type=float, default=None,
+              help="The calibrated confidence below which needs_review is true (default: the "
+                   "run's, chosen on val for train.target_accuracy); 0 turns the confidence part off.")
 @click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
 @VERBOSE
 @handle_errors
-def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer, overwrite,
-           verbose):
+def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer,
+           review_threshold, overwrite, verbose):
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
     start(verbose, run_dir=run_dir)
     from jewelclf.export.run import export_run, format_export_summary
 
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
-                        log=click.echo, embed_layer=embed_layer)
+                        log=click.echo, embed_layer=embed_layer, review_threshold=review_threshold)
     click.echo(format_export_summary(report))
 
 

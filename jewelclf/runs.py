@@ -28,6 +28,7 @@ from jewelclf.layout import (  # noqa: F401  (the run layout, read through runs)
     REJECTED,
     RUN_INFO,
     SPLITS,
+    UNKNOWN_REFERENCE,
 )
 
 

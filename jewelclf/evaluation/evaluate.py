@@ -19,6 +19,7 @@ import numpy as np
 from jewelclf.data.sources import data_key
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation import calibration as calibration_mod
+from jewelclf.evaluation import reference as reference_mod
 from jewelclf.evaluation import unknown_eval
 from jewelclf.evaluation.calibration import Calibration
 from jewelclf.evaluation.metrics import score
@@ -30,13 +31,19 @@ COVERAGE_PNG = "coverage_accuracy.png"
 
 def calibrate_run(model, data, config, run_dir: Path, log=print) -> Calibration:
     """Fit the temperature and the review threshold (for ``train.target_accuracy``) on the
-    validation split of ``data`` (a ``PreparedData``); write them to the run's calibration file."""
-    from jewelclf.runs import CALIBRATION
+    validation split of ``data`` (a ``PreparedData``), and the unknown reference on its train
+    and val images; write both into the run."""
+    from jewelclf.runs import CALIBRATION, UNKNOWN_REFERENCE
 
-    y_val, probs = predict_records(model, data.source, data.val, data.class_names, config)
+    y_val = labels_of(data.val, data.class_names)
+    probs, val_features = reference_mod.model_features(model, data.source, data.val, config)
     calibration = calibration_mod.calibrate(probs, y_val, config.train.target_accuracy)
     calibration_mod.write(Path(run_dir) / CALIBRATION, calibration)
     log(calibration.describe())
+    _, train_features = reference_mod.model_features(model, data.source, data.train, config)
+    reference = reference_mod.from_features(train_features, val_features)
+    reference_mod.write(Path(run_dir) / UNKNOWN_REFERENCE, reference)
+    log(reference.describe_line())
     return calibration
 
 
@@ -65,12 +72,17 @@ def write_evaluation(metrics: dict[str, Any], out_dir: Path, predictions: list[d
         atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
 
 
+def labels_of(records, class_names: list[str]) -> np.ndarray:
+    """The class indices of ``records``' labels."""
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.array([index[r.label] for r in records], dtype=int)
+
+
 def predict_records(model, source, records, class_names: list[str], config) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over ``records`` (no augmentation); return true indices and probabilities."""
     from jewelclf.data.pipeline import batched, decoded_dataset
 
-    index = {c: i for i, c in enumerate(class_names)}
-    y_true = np.array([index[r.label] for r in records], dtype=int)
+    y_true = labels_of(records, class_names)
     if not records:  # never run the model on zero rows
         return y_true, np.zeros((0, len(class_names)), np.float32)
     size = config.data.image_size
@@ -257,7 +269,11 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
         raise JewelclfError(f"no readable images in '{data_spec}'; see {out_dir / 'rejected_files.csv'}")
     if plan is not None:
         plan.check_photos(config.data, out_dir)
-    y_true, raw = predict_records(model, source, records, class_names, config)
+    if plan is not None:  # the pooled features too, in the same pass
+        y_true = labels_of(records, class_names)
+        raw, features = reference_mod.model_features(model, source, records, config)
+    else:
+        y_true, raw = predict_records(model, source, records, class_names, config)
     metrics, probs = score(y_true, raw, class_names, config.train.top_k, calibration)
     if calibration is None:
         metrics["calibration_note"] = calibration_mod.MISSING_NOTE.format(run=run_dir)
@@ -266,7 +282,7 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     metrics.update(chosen.describe(records))
     metrics["rejected_files"] = n_rejected
     if plan is not None:
-        metrics["unknown"] = plan.evaluate(source, records, y_true, probs, out_dir)
+        metrics["unknown"] = plan.evaluate(records, features, y_true, probs, out_dir)
     write_evaluation(metrics, out_dir, prediction_rows(records, y_true, probs, class_names),
                      title=confusion_title(run_dir.name, chosen.split, len(records),
                                            data=None if chosen.from_run else data_spec))

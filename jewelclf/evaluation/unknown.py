@@ -44,9 +44,15 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 def knn_distance(train: np.ndarray, queries: np.ndarray, k: int = KNN_K, block: int = 1024) -> np.ndarray:
     """Cosine distance of each (square-rooted) query to its k-th nearest training vector."""
-    train_u, out = unit(train), []
+    return nearest_distance(unit(train), queries, k, block)
+
+
+def nearest_distance(train_unit: np.ndarray, queries: np.ndarray, k: int = KNN_K,
+                     block: int = 1024) -> np.ndarray:
+    """:func:`knn_distance` to training vectors that are already :func:`unit`."""
+    out = []
     for start in range(0, len(queries), block):
-        sims = unit(queries[start:start + block]) @ train_u.T
+        sims = unit(queries[start:start + block]) @ np.asarray(train_unit, np.float64).T
         kth = np.partition(-sims, k - 1, axis=1)[:, k - 1]
         out.append(1.0 + kth)
     return np.concatenate(out) if out else np.zeros(0)

@@ -3,9 +3,11 @@ trained on (DIR) from the known images ``evaluate`` scores.
 
 The score is :func:`jewelclf.evaluation.unknown.knn_distance`: the cosine distance of an
 image's (square-rooted) pooled backbone features to the nearest image of the run's training
-split. The unknown threshold is chosen on the run's validation split: the 95th percentile of
-its images' distances (the smallest of them that at least 95% of them do not exceed), so that
-95% of known val images pass. A known image is accepted when its
+split, measured against the run's :mod:`jewelclf.evaluation.reference`. The unknown threshold
+is chosen on the run's validation split: the 95th percentile of its images' distances (the
+smallest of them that at least 95% of them do not exceed), so that 95% of known val images
+pass; the export's ``unknown_score`` and ``needs_review`` use the same. A known image is
+accepted when its
 calibrated confidence reaches the run's review threshold and its distance is at or below the
 unknown threshold.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,10 @@ import numpy as np
 
 from jewelclf.data.sources import DataSource, Record, data_key, walk_files
 from jewelclf.errors import JewelclfError
-from jewelclf.evaluation.unknown import KNN_K, detection_metrics, knn_distance
-from jewelclf.layout import SPLITS
+from jewelclf.evaluation import reference as reference_mod
+from jewelclf.evaluation.reference import SCORE, VAL_PERCENTILE, unknown_threshold
+from jewelclf.evaluation.unknown import KNN_K, detection_metrics
 
-SCORE = "knn"
-VAL_PERCENTILE = 95.0
-"""The share (in %) of the run's known val images whose distance the unknown threshold passes."""
 UNKNOWN_LABEL = "unknown"
 REJECTED_UNKNOWN = "rejected_unknown_files.csv"
 SCORES_CSV = "unknown_scores.csv"
@@ -48,34 +48,18 @@ class KnnScores:
 
 @dataclass
 class UnknownPlan:
-    """The unknown photos of DIR and the run's train and val images they are measured against."""
+    """The unknown photos of DIR and the run's reference they are measured against."""
 
     folder: Path
     run: Any  # jewelclf.runs.RunModel
     photos: list[Record]
-    train_source: DataSource | None = None
-    train: list[Record] = field(default_factory=list)
-    val: list[Record] = field(default_factory=list)
+    reference: Any = None  # jewelclf.evaluation.reference.UnknownReference
     rejected: int = 0
 
-    def load_training(self, data_source: DataSource | None) -> None:
-        """The run's train and val records, from ``data_source`` when it is the run's data
-        (else from the data the run trained on, read again); one-line errors when missing."""
-        run_dir = Path(self.run.run_dir)
-        rows = split_rows(run_dir)
-        source = data_source if data_source is not None else _run_data(self.run)
-        source.class_names = list(self.run.class_names)
-        known = set(self.run.class_names)
-        by_key = {r.key: r for r in source.records if r.label in known}
-        picked = {s: [replace(by_key[k], split=s) for k, split in rows.items()
-                      if split == s and k in by_key] for s in ("train", "val")}
-        for s in ("train", "val"):
-            if not picked[s]:
-                raise JewelclfError(
-                    f"--unknown needs the run's {s} images, but none of the {s} split of "
-                    f"'{run_dir / SPLITS}' is in '{source.spec}'; restore the data the run "
-                    f"trained on, or evaluate without --unknown")
-        self.train_source, self.train, self.val = source, picked["train"], picked["val"]
+    def load_training(self, data_source: DataSource | None, log=print) -> None:
+        """The run's reference (:func:`jewelclf.evaluation.reference.ensure`; built from
+        ``data_source`` when it is the run's data, for a run that has none yet)."""
+        self.reference = reference_mod.ensure(self.run, log, data_source)
 
     def check_photos(self, data_config, out_dir: Path) -> None:
         """Keep DIR's readable images (``evaluate``'s file check); list the others in
@@ -90,45 +74,18 @@ class UnknownPlan:
             raise JewelclfError(f"--unknown folder '{self.folder}' holds no readable image (see "
                                 f"{out_dir / REJECTED_UNKNOWN}); {FIX}")
 
-    def evaluate(self, source: DataSource, records: list[Record], y_true: np.ndarray,
+    def evaluate(self, records: list[Record], features: np.ndarray, y_true: np.ndarray,
                  probs: np.ndarray, out_dir: Path) -> dict[str, Any]:
-        """The ``unknown`` fields of ``metrics.json`` for the known ``records`` (with their true
-        indices and calibrated ``probs``); writes :data:`SCORES_CSV` into ``out_dir``."""
-        scores = knn_scores(self, source, records)
+        """The ``unknown`` fields of ``metrics.json`` for the known ``records`` (with their
+        pooled ``features``, true indices and calibrated ``probs``); writes :data:`SCORES_CSV`
+        into ``out_dir``."""
+        scores = knn_scores(self, features)
         out = report(scores, y_true, probs, self.run.calibration)
         if out.get("note"):
             out["note"] = out["note"].format(run=self.run.run_dir)
         out.update(folder=str(self.folder), rejected_files=self.rejected)
         write_scores(out_dir / SCORES_CSV, records, self.photos, scores, out["threshold"])
         return out
-
-
-def split_rows(run_dir: Path) -> dict[str, str]:
-    """The run's ``splits.csv`` as ``{path: split}``; a one-line error when missing."""
-    path = Path(run_dir) / SPLITS
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = {row["path"]: row["split"] for row in csv.DictReader(f)}
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
-        rows = {}
-    if not rows:
-        raise JewelclfError(f"'{path}' is missing or unreadable, and --unknown measures distances "
-                            f"to the run's training images; fit the run again")
-    return rows
-
-
-def _run_data(run) -> DataSource:
-    from jewelclf.data.sources import load_source
-
-    spec = run.info.get("data_path") or run.info.get("data")
-    if not spec:
-        raise JewelclfError(f"'{run.run_dir}' does not record the data it trained on, which "
-                            f"--unknown needs; fit the run again")
-    try:
-        return load_source(spec)
-    except JewelclfError as e:
-        raise JewelclfError(f"--unknown needs the images the run in '{run.run_dir}' trained on "
-                            f"('{spec}'): {e}") from None
 
 
 def _inside(inner: Path, outer: Path) -> bool:
@@ -167,6 +124,11 @@ def prepare(folder: Path, run, source: DataSource) -> UnknownPlan:
     if not files:
         raise JewelclfError(f"--unknown folder '{folder}' holds no image files; {FIX}")
     classes = {c.lower(): c for c in run.class_names}
+    if folder.resolve().name.lower() in classes:
+        raise JewelclfError(
+            f"--unknown folder '{folder}' is named like the run's class "
+            f"'{classes[folder.resolve().name.lower()]}': that class was trained, so its photos "
+            f"are not unknown; {FIX}")
     for path in files:
         rel = path.relative_to(folder)
         trained = next((p for p in rel.parts[:-1] if p.lower() in classes), None)
@@ -179,35 +141,21 @@ def prepare(folder: Path, run, source: DataSource) -> UnknownPlan:
     return UnknownPlan(folder, run, photos)
 
 
-def image_features(extractor, source: DataSource, records: list[Record], config) -> np.ndarray:
-    """The pooled backbone features of ``records``, decoded as ``evaluate`` decodes them."""
-    from jewelclf.data.pipeline import batched, decoded_dataset
-
-    ds = decoded_dataset(source, records, config.data, config.data.image_size)
-    ds = batched(ds, len(source.class_names), config.data.batch_size)
-    return np.asarray(extractor.predict(ds, verbose=0), np.float64)
-
-
-def knn_scores(plan: UnknownPlan, source: DataSource, records: list[Record]) -> KnnScores:
-    """The k-NN distances of the run's val images, the known ``records`` of ``source`` and the
-    plan's unknown photos to the run's training images (``plan.load_training`` first)."""
-    from jewelclf.modeling.classifier import feature_extractor
-
-    config = plan.run.config
-    extractor = feature_extractor(plan.run.model)
-    seen = image_features(extractor, plan.train_source, plan.train + plan.val, config)
-    train, val = seen[:len(plan.train)], seen[len(plan.train):]
+def knn_scores(plan: UnknownPlan, known_features: np.ndarray) -> KnnScores:
+    """The k-NN distances of the run's val images, of the known images (their pooled
+    ``known_features``) and of the plan's unknown photos (``plan.load_training`` first)."""
     photos = DataSource(str(plan.folder), plan.folder, [UNKNOWN_LABEL], plan.photos)
-    return KnnScores(val=knn_distance(train, val),
-                     known=knn_distance(train, image_features(extractor, source, records, config)),
-                     unknown=knn_distance(train, image_features(extractor, photos, plan.photos, config)))
+    _, unknown_features = reference_mod.model_features(plan.run.model, photos, plan.photos,
+                                                       plan.run.config)
+    ref = plan.reference
+    return KnnScores(val=ref.val_distances, known=ref.distances(known_features),
+                     unknown=ref.distances(unknown_features))
 
 
 def report(scores: KnnScores, y_true: np.ndarray, probs: np.ndarray, calibration) -> dict[str, Any]:
     """AUROC and FPR at 95% TPR (unknown photos positive), the val-chosen threshold, the share
     of unknown photos it flags, and what the known images keep at both thresholds."""
-    # "higher": a val distance itself, so that at least 95% of val images pass on few of them too.
-    threshold = float(np.percentile(scores.val, VAL_PERCENTILE, method="higher"))
+    threshold = unknown_threshold(scores.val)
     confidence_threshold = getattr(calibration, "threshold", None)
     probs, y_true = np.asarray(probs, np.float64), np.asarray(y_true, int)
     accepted = scores.known <= threshold

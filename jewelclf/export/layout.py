@@ -22,7 +22,8 @@ SERVING_PIXELS = "serving_pixels"
 SERVING_EMBED = "embed"
 INPUT_IMAGES = "images"
 INPUT_PIXELS = "pixels"
-OUTPUT_KEYS = ("probabilities", "classes", "scores", "valid", "error")
+OUTPUT_KEYS = ("probabilities", "classes", "scores", "valid", "error", "confidence",
+               "needs_review", "unknown_score")
 EMBED_OUTPUT = "embedding"
 EMBED_OUTPUT_KEYS = (EMBED_OUTPUT, "valid", "error")
 """The embedding of the ``embed`` signature: ``jewelclf index``'s default ``--layer``."""

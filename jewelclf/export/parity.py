@@ -29,7 +29,13 @@ from jewelclf.export.layout import (
 )
 from jewelclf.export.samples import LabelledImage, labelled_test_images
 from jewelclf.export.staging import PARENT_ENV
-from jewelclf.inference.runtime import keras_embeddings, keras_pixels, keras_probabilities
+from jewelclf.inference.policy import ReviewPolicy
+from jewelclf.inference.runtime import (
+    keras_embeddings,
+    keras_pixels,
+    keras_probabilities,
+    keras_probabilities_and_features,
+)
 from jewelclf.runs import RunModel
 
 
@@ -85,56 +91,91 @@ def run_in_fresh_process(saved_model: Path, images: list[LabelledImage], work: P
 
 
 def compare_parity(run: RunModel, images: list[LabelledImage], child: dict[str, Any],
-                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+                   policy: ReviewPolicy, tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
     """Compare the fresh process's signature outputs with the Keras model on the same images.
 
     ``serving_default`` gets the image bytes and is held to the Keras model on training's own
     pixels; ``serving_pixels`` gets the fully decoded images and is held to the Keras model on
-    those pixels resized as training resizes (:func:`keras_pixels_from_decoded`).
+    those pixels resized as training resizes (:func:`keras_pixels_from_decoded`). Both are held
+    to ``policy``'s answer (:class:`jewelclf.inference.policy.ReviewPolicy`): calibrated
+    probabilities, confidence, unknown score and needs-review.
     """
     encoded = [im.data for im in images]
-    keras_probs = keras_probabilities(run.model, keras_pixels(encoded, run.image_size, run.resize))
-    keras_top1 = keras_probs.argmax(axis=1)
-    pixels_probs = keras_probabilities(
-        run.model, keras_pixels_from_decoded(encoded, run.image_size, run.resize))
-    default = child["serving_default"]
+    keras_answer = policy.answer(*keras_probabilities_and_features(
+        run.model, keras_pixels(encoded, run.image_size, run.resize)))
+    pixels_answer = policy.answer(*keras_probabilities_and_features(
+        run.model, keras_pixels_from_decoded(encoded, run.image_size, run.resize)))
+    candidates = {
+        SERVING_DEFAULT: (child["serving_default"], keras_answer),
+        SERVING_PIXELS: ({key: [row[key][0] for row in child["serving_pixels"]] for key in OUTPUT_KEYS
+                          if all(key in row for row in child["serving_pixels"])}, pixels_answer),
+    }
     results: dict[str, Any] = {}
     problems: list[str] = []
-    candidates = {
-        SERVING_DEFAULT: (default, keras_probs),
-        SERVING_PIXELS: ({key: [row[key][0] for row in child["serving_pixels"]] for key in OUTPUT_KEYS},
-                         pixels_probs),
-    }
     for name, (out, ref) in candidates.items():
-        ref_top1 = ref.argmax(axis=1)
-        probs = np.asarray(out["probabilities"], np.float32).reshape(ref.shape)
-        top1 = probs.argmax(axis=1)
-        diff = float(np.abs(probs - ref).max()) if probs.size else 0.0
-        agree = int((top1 == ref_top1).sum())
-        names_ok = all(row[0] == run.class_names[t] for row, t in zip(out["classes"], ref_top1))
-        scores_ok = bool(np.allclose(np.asarray(out["scores"], np.float32)[:, 0],
-                                     ref.max(axis=1), atol=tolerance, rtol=0))
-        valid_ok = all(bool(v) for v in out["valid"])
-        results[name] = {"max_abs_diff": diff, "top1_agree": agree, "images": len(images),
-                         "class_names_match": names_ok, "scores_match": scores_ok,
-                         "all_valid": valid_ok}
-        if agree != len(images):
-            problems.append(f"{name}: top-1 differs from the Keras model on "
-                            f"{len(images) - agree} of {len(images)} images")
-        if not diff <= tolerance:
-            problems.append(f"{name}: probabilities differ by up to {diff:.2e} (> {tolerance:g})")
-        if not (names_ok and scores_ok and valid_ok):
-            problems.append(f"{name}: classes/scores/valid outputs disagree with the probabilities")
+        results[name], found = _compare_signature(name, out, ref, run.class_names, policy, tolerance)
+        problems += found
     embed = compare_embed_parity(run, images, child.get(SERVING_EMBED), tolerance)
     results[SERVING_EMBED] = embed
     problems += embed.pop("problems")
     if child.get("jewelclf_imported"):
         problems.append("the fresh process imported jewelclf, so it did not test a standalone load")
+    keras_top1 = keras_answer["probabilities"].argmax(axis=1)
     return {"passed": not problems, "problems": problems, "tolerance": tolerance,
             "fresh_process": True, "jewelclf_imported_in_fresh_process": bool(child.get("jewelclf_imported")),
             "images": [{"key": im.key, "label": im.label,
                         "keras_top1": run.class_names[int(t)]} for im, t in zip(images, keras_top1)],
             "signatures": results}
+
+
+def _max_diff(got, want: np.ndarray) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max()) if len(want) else 0.0
+
+
+def _near(values: np.ndarray, threshold: float | None, tolerance: float) -> np.ndarray:
+    if threshold is None:
+        return np.zeros(len(values), bool)
+    return np.abs(np.asarray(values, np.float64) - threshold) <= tolerance
+
+
+def _compare_signature(name: str, out: dict[str, Any], ref: dict[str, np.ndarray], class_names: list[str],
+                       policy: ReviewPolicy, tolerance: float) -> tuple[dict[str, Any], list[str]]:
+    """One classifying signature's outputs against the Keras answer ``ref``: the entry and the problems."""
+    missing = [key for key in OUTPUT_KEYS if key not in out]
+    if missing:
+        return {"missing_outputs": missing}, [f"{name}: outputs {', '.join(missing)} are missing"]
+    want = ref["probabilities"]
+    n = len(want)
+    ref_top1 = want.argmax(axis=1)
+    probs = np.asarray(out["probabilities"], np.float32).reshape(want.shape)
+    diff = float(np.abs(probs - want).max()) if probs.size else 0.0
+    agree = int((probs.argmax(axis=1) == ref_top1).sum())
+    names_ok = all(row[0] == class_names[t] for row, t in zip(out["classes"], ref_top1))
+    scores_ok = bool(np.allclose(np.asarray(out["scores"], np.float32)[:, 0], want.max(axis=1),
+                                 atol=tolerance, rtol=0))
+    valid_ok = all(bool(v) for v in out["valid"])
+    confidence_diff = _max_diff(out["confidence"], ref["confidence"])
+    unknown_diff = _max_diff(out["unknown_score"], ref["unknown_score"])
+    # An image within float error of a threshold may fall either side of it in float32.
+    borderline = _near(ref["confidence"], policy.review_threshold, tolerance) | _near(
+        ref["unknown_score"], policy.unknown_threshold, tolerance)
+    review = np.asarray(out["needs_review"], bool)
+    review_ok = bool(np.array_equal(review[~borderline], ref["needs_review"][~borderline]))
+    entry = {"max_abs_diff": diff, "top1_agree": agree, "images": n, "class_names_match": names_ok,
+             "scores_match": scores_ok, "all_valid": valid_ok, "confidence_max_abs_diff": confidence_diff,
+             "unknown_score_max_abs_diff": unknown_diff, "needs_review_match": review_ok,
+             "needs_review": int(review.sum())}
+    problems = []
+    if agree != n:
+        problems.append(f"{name}: top-1 differs from the Keras model on {n - agree} of {n} images")
+    if not diff <= tolerance:
+        problems.append(f"{name}: probabilities differ by up to {diff:.2e} (> {tolerance:g})")
+    if not (names_ok and scores_ok and valid_ok):
+        problems.append(f"{name}: classes/scores/valid outputs disagree with the probabilities")
+    if not (confidence_diff <= tolerance and unknown_diff <= tolerance and review_ok):
+        problems.append(f"{name}: confidence/unknown_score/needs_review differ from the Keras "
+                        f"model's (up to {max(confidence_diff, unknown_diff):.2e})")
+    return entry, problems
 
 
 def compare_embed_parity(run: RunModel, images: list[LabelledImage], out: dict[str, Any] | None,
@@ -181,10 +222,14 @@ def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 def keras_test_probabilities(run: RunModel, encoded: list[bytes], batch_size: int = 32) -> np.ndarray:
-    """The Keras model's probabilities on encoded images, decoded as training does, in batches."""
+    """The Keras model's calibrated probabilities (the run's temperature) on encoded images,
+    decoded as training does, in batches: what an export answers."""
+    from jewelclf.evaluation.calibration import scale
+
     chunks = [keras_probabilities(run.model, keras_pixels(encoded[i:i + batch_size], run.image_size, run.resize))
               for i in range(0, len(encoded), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, len(run.class_names)), np.float32)
+    raw = np.concatenate(chunks) if chunks else np.zeros((0, len(run.class_names)), np.float32)
+    return np.asarray(scale(raw, run.temperature), np.float32)
 
 
 def savedmodel_probabilities(saved_model: Path, encoded: list[bytes], batch_size: int = 32) -> np.ndarray:

@@ -20,10 +20,11 @@ from jewelclf.runs import DEFAULT_EMBED_LAYER
 def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = None,
                version: int | None = None, quantize: Iterable[str] = (), test_data: str | None = None,
                parity_data: str | None = None, overwrite: bool = False, log: Log = print,
-               embed_layer: str = DEFAULT_EMBED_LAYER) -> dict[str, Any]:
+               embed_layer: str = DEFAULT_EMBED_LAYER, review_threshold: float | None = None) -> dict[str, Any]:
     """Export ``run_dir`` in ``fmt``; the one entry point of ``jewelclf export``.
 
-    ``embed_layer`` (SavedModel only) picks the embedding of the ``embed`` signature."""
+    ``embed_layer`` (SavedModel only) picks the embedding of the ``embed`` signature;
+    ``review_threshold`` overrides the run's threshold of ``needs_review``."""
     quantize = list(quantize)
     if fmt not in FORMATS:
         raise JewelclfError(f"unknown --format '{fmt}'; one of {', '.join(FORMATS)}")
@@ -37,12 +38,25 @@ def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = Non
         if overwrite:
             raise JewelclfError("SavedModel versions are never overwritten; omit --overwrite "
                                 "(the next version number is used)")
-        return export_savedmodel(run_dir, output, version, test_data, parity_data, log, embed_layer)
+        return export_savedmodel(run_dir, output, version, test_data, parity_data, log, embed_layer,
+                                 review_threshold)
     if fmt == "tflite":
-        return export_tflite(run_dir, output, quantize or ["none"], test_data, parity_data, overwrite, log)
+        return export_tflite(run_dir, output, quantize or ["none"], test_data, parity_data, overwrite, log,
+                             review_threshold)
     if test_data:
         raise JewelclfError("--test-data applies to --format savedmodel and tflite")
-    return export_keras(run_dir, output, parity_data, overwrite, log)
+    return export_keras(run_dir, output, parity_data, overwrite, log, review_threshold)
+
+
+def review_line(report: dict[str, Any]) -> str:
+    """How the export answers needs_review: its thresholds, and their sources."""
+    threshold, source = report.get("review_threshold"), report.get("review_threshold_source")
+    parts = [f"temperature {report.get('temperature', 1.0):.3f}",
+             "no review threshold" if threshold is None else f"review below confidence {threshold:.4f} ({source})"]
+    unknown = report.get("unknown")
+    if unknown and unknown.get("threshold") is not None:
+        parts.append(f"or unknown_score above {unknown['threshold']:.4f} ({unknown['threshold_rule']})")
+    return "needs_review: " + ", ".join(parts)
 
 
 def format_export_summary(report: dict[str, Any]) -> str:
@@ -60,6 +74,7 @@ def format_export_summary(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"  {name}: top-1 agrees with Keras on {s['top1_agree']}/{s['images']} images, "
                          f"max |diff| {s['max_abs_diff']:.2e} (fresh process, tolerance {p['tolerance']:g})")
+        lines.append("  " + review_line(report))
         acc = report.get("test_accuracy")
         if acc:
             lines.append(f"  accuracy on {acc['data']} ({acc['num_examples']} images): SavedModel "
@@ -73,6 +88,7 @@ def format_export_summary(report: dict[str, Any]) -> str:
         if "keras_test_accuracy" in report:
             lines.append(f"  keras    {report['keras_size_bytes'] / 2**20:9.3f} MB  test accuracy "
                          f"{report['keras_test_accuracy']:.4f}")
+        lines.append("  " + review_line(report))
         lines.append(f"  report: {Path(report['path']) / REPORT}")
     else:
         lines.append(f"exported {report['path']} (reload max |diff| {report['reload_max_abs_diff']:.2e})")

@@ -77,12 +77,13 @@ from jewelclf.export.parity import compare_accuracy, compare_parity, run_in_fres
 from jewelclf.export.samples import run_images
 from jewelclf.export.serving import build_archive, check_signature_contract, embedding_info
 from jewelclf.export.staging import Staging, cleanup_stale, rename_noreplace
+from jewelclf.inference.policy import ReviewPolicy, check_review_threshold, for_run
 from jewelclf.runs import DEFAULT_EMBED_LAYER, RunModel, load_run, timestamp
 
 
-def write_savedmodel(run: RunModel, path: Path) -> None:
-    """Write the SavedModel of ``run`` into ``path`` (a new folder)."""
-    build_archive(run).write_out(str(path), verbose=False)
+def write_savedmodel(run: RunModel, path: Path, policy: ReviewPolicy) -> None:
+    """Write the SavedModel of ``run`` answering by ``policy`` into ``path`` (a new folder)."""
+    build_archive(run, policy.reference, policy.review_threshold).write_out(str(path), verbose=False)
     extra = Path(path) / "assets.extra"
     extra.mkdir(exist_ok=True)
     (extra / INFO).write_text(json.dumps({
@@ -92,6 +93,7 @@ def write_savedmodel(run: RunModel, path: Path) -> None:
             SERVING_PIXELS: f"{INPUT_PIXELS}: uint8 [batch, height, width, 3] RGB, any size",
             SERVING_EMBED: f"{INPUT_IMAGES}: string [batch] of encoded JPEG/PNG/GIF/BMP/WebP bytes"},
         "outputs": list(OUTPUT_KEYS),
+        **policy.describe(),
         "embed_outputs": list(EMBED_OUTPUT_KEYS),
         "embedding": embedding_info(run)}, indent=2) + "\n", encoding="utf-8")
 
@@ -159,8 +161,8 @@ def _version_folder(base: Path, version: int | None) -> tuple[list[int], int, Pa
     return existing, version, final
 
 
-def _write_and_check(run: RunModel, staging: Staging, images: list, final: Path, version: int,
-                     embed_dim: int, test_data: str | None, log: Log) -> dict[str, Any]:
+def _write_and_check(run: RunModel, policy: ReviewPolicy, staging: Staging, images: list, final: Path,
+                     version: int, embed_dim: int, test_data: str | None, log: Log) -> dict[str, Any]:
     """Write the SavedModel into ``staging``, check it in a fresh process (parity, contract and
     ``test_data`` accuracy) and return the report; ``report["parity"]["passed"]`` says whether
     it may be renamed into place."""
@@ -169,10 +171,10 @@ def _write_and_check(run: RunModel, staging: Staging, images: list, final: Path,
     tmp, base = staging.model, final.parent
     log(f"writing SavedModel version {version} of '{run.run_dir}' (in {staging.path.name}, "
         f"renamed when checked)")
-    write_savedmodel(run, tmp)
+    write_savedmodel(run, tmp, policy)
     log(f"parity check in a fresh Python process on {len(images)} images...")
     child = run_in_fresh_process(tmp.resolve(), images, staging.parity)
-    parity = compare_parity(run, images, child)
+    parity = compare_parity(run, images, child, policy)
     contract = check_signature_contract(child["signatures"], len(run.class_names), run.k, embed_dim)
     if contract:
         parity["passed"] = False
@@ -180,7 +182,7 @@ def _write_and_check(run: RunModel, staging: Staging, images: list, final: Path,
     report: dict[str, Any] = {
         "format": "savedmodel", "model_name": base.resolve().name, "version": version,
         "path": str(final.resolve()), "created": timestamp(),
-        **run.describe(), "signatures": child["signatures"], "parity": parity,
+        **run.describe(), **policy.describe(), "signatures": child["signatures"], "parity": parity,
         "embedding": embedding_info(run),
         "environment": rd.environment()}
     if parity["passed"] and test_data:
@@ -207,16 +209,19 @@ def _disk_full_error(base: Path, version: int, existing: list[int]) -> fsio.Disk
 
 def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | None = None,
                       test_data: str | None = None, parity_data: str | None = None,
-                      log: Log = print, embed_layer: str = DEFAULT_EMBED_LAYER) -> dict[str, Any]:
+                      log: Log = print, embed_layer: str = DEFAULT_EMBED_LAYER,
+                      review_threshold: float | None = None) -> dict[str, Any]:
     """Export ``run_dir`` as version ``version`` (default: the next) under ``output``.
 
     ``embed_layer`` is the embedding of the ``embed`` signature (``pool`` or ``hidden``, as
-    ``jewelclf index --layer``). Returns the export report, also written as
+    ``jewelclf index --layer``); ``review_threshold`` overrides the run's review threshold
+    (:func:`jewelclf.inference.policy.for_run`). Returns the export report, also written as
     ``<output>/<version>/export_report.json``.
     """
     from jewelclf.modeling.embedding import embedding_dim
 
     require_tensorflow_backend()
+    check_review_threshold(review_threshold)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     run.embed_layer = embed_layer
@@ -224,12 +229,13 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
     base = Path(output) if output is not None else default_output(run_dir, "savedmodel")
     existing, version, final = _version_folder(base, version)
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
+    policy = for_run(run, review_threshold, log)
     base.mkdir(parents=True, exist_ok=True)
     staging = Staging(base)  # locked and kept fresh: no cleanup on any host removes it
     cleanup_stale_temp(base, log, now=staging.now(), keep=staging.path)
     t0 = time.perf_counter()
     try:
-        report = _write_and_check(run, staging, images, final, version, embed_dim, test_data, log)
+        report = _write_and_check(run, policy, staging, images, final, version, embed_dim, test_data, log)
         parity = report["parity"]
         report["seconds"] = round(time.perf_counter() - t0, 1)
         if not parity["passed"]:

@@ -133,17 +133,65 @@ def run_on_valid_rows(fn: Callable, x, valid, dim: int):
     return out
 
 
-def build_archive(run: RunModel):
-    """The ExportArchive with the three signatures (not yet written)."""
+def classifier(run: RunModel, reference, review_threshold: float | None) -> Callable:
+    """``classify(pixels, valid)``: the classifying signatures' outputs for uint8 ``pixels``
+    ``[n, S, S, 3]`` (rows where ``valid`` is false are never run, and answer zeros).
+
+    ``reference`` (:class:`jewelclf.evaluation.reference.UnknownReference`) gives
+    ``unknown_score`` and its threshold; ``review_threshold`` is the calibrated confidence
+    below which an image needs review (``None``: confidence alone never sends one there). The
+    returned function's ``tracked`` attribute is the layer holding the reference's vectors.
+    """
+    import tensorflow as tf
+
+    from jewelclf.modeling.classifier import with_features
+    from jewelclf.modeling.confidence import NearestDistance, TemperatureScaling
+
+    names, k = list(run.class_names), run.k
+    both = with_features(run.model)  # probabilities and pooled features in one pass
+    n, dim = len(names), int(both.output["features"].shape[-1])
+    scaling = TemperatureScaling(run.temperature, name="calibration")
+    nearest = NearestDistance(reference.train, name="unknown_reference")
+    unknown_threshold = reference.threshold
+
+    def probabilities_and_features(pixels):
+        out = both(tf.cast(pixels, tf.float32), training=False)
+        return tf.concat([tf.cast(out["probabilities"], tf.float32),
+                          tf.cast(out["features"], tf.float32)], axis=1)
+
+    def classify(pixels, valid):
+        raw = run_on_valid_rows(probabilities_and_features, pixels, valid, n + dim)
+        # Invalid rows stay zero in every numeric output; they always need review.
+        probs = tf.where(valid[:, None], scaling(raw[:, :n]), 0.0)
+        unknown = tf.where(valid, nearest(raw[:, n:]), 0.0)
+        scores, top = tf.math.top_k(probs, k=k)
+        classes = tf.gather(tf.constant(names, tf.string), top)
+        classes = tf.where(valid[:, None], classes, tf.constant(""))
+        confidence = scores[:, 0]
+        review = tf.logical_not(valid)
+        if review_threshold is not None:
+            review = tf.logical_or(review, confidence < review_threshold)
+        if unknown_threshold is not None:
+            review = tf.logical_or(review, unknown > unknown_threshold)
+        return {"probabilities": probs, "classes": classes, "scores": scores, "valid": valid,
+                "confidence": confidence, "needs_review": review, "unknown_score": unknown}
+
+    classify.tracked = nearest
+    return classify
+
+
+def build_archive(run: RunModel, reference, review_threshold: float | None):
+    """The ExportArchive with the three signatures (not yet written); ``reference`` and
+    ``review_threshold`` decide ``unknown_score`` and ``needs_review`` (:func:`classifier`)."""
     import keras
     import tensorflow as tf
 
     from jewelclf.data.images import animated_webp_mask, size_refusals
 
-    model, size, resize, k = run.model, run.image_size, run.resize, run.k
-    names = list(run.class_names)
+    model, size, resize = run.model, run.image_size, run.resize
     embedder = run.embedder()  # shares model's layers and variables: nothing more to track
     embed_dim = int(embedder.output.shape[-1])
+    classify = classifier(run, reference, review_threshold)
 
     def decode(images):
         # The header's size first: a 875 KB PNG can claim 15000x15000 (900 MB decoded).
@@ -155,13 +203,6 @@ def build_archive(run: RunModel):
 
     def network(fn):
         return lambda pixels: fn(tf.cast(pixels, tf.float32), training=False)
-
-    def classify(pixels, valid):
-        probs = run_on_valid_rows(network(model), pixels, valid, len(names))
-        scores, top = tf.math.top_k(probs, k=k)
-        classes = tf.gather(tf.constant(names, tf.string), top)
-        classes = tf.where(valid[:, None], classes, tf.constant(""))
-        return {"probabilities": probs, "classes": classes, "scores": scores, "valid": valid}
 
     def serve_images(images):
         pixels, valid, error = decode(images)
@@ -183,6 +224,7 @@ def build_archive(run: RunModel):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    archive.track(classify.tracked)
     archive.add_endpoint(SERVING_DEFAULT, serve_images,
                          input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_IMAGES)])
     archive.add_endpoint(SERVING_PIXELS, serve_pixels,
@@ -211,7 +253,9 @@ def check_signature_contract(signatures: dict[str, Any], n_classes: int, k: int,
                              embed_dim: int | None = None) -> list[str]:
     """Problems with the listed signatures, as a client of the documented contract sees them."""
     want_outputs = {"probabilities": ("float32", [None, n_classes]), "classes": ("string", [None, k]),
-                    "scores": ("float32", [None, k]), "valid": ("bool", [None]), "error": ("string", [None])}
+                    "scores": ("float32", [None, k]), "valid": ("bool", [None]), "error": ("string", [None]),
+                    "confidence": ("float32", [None]), "needs_review": ("bool", [None]),
+                    "unknown_score": ("float32", [None])}
     want = {SERVING_DEFAULT: ({INPUT_IMAGES: ("string", [None])}, want_outputs),
             SERVING_PIXELS: ({INPUT_PIXELS: ("uint8", [None, None, None, 3])}, want_outputs)}
     if embed_dim is not None:

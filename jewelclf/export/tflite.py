@@ -15,6 +15,7 @@ import numpy as np
 
 from jewelclf import fsio
 from jewelclf.errors import JewelclfError
+from jewelclf.evaluation.calibration import scale
 from jewelclf.export.files import prepare_folder, write_json
 from jewelclf.export.layout import (
     CLASS_NAMES,
@@ -29,6 +30,7 @@ from jewelclf.export.layout import (
 )
 from jewelclf.export.parity import accuracy, keras_test_probabilities
 from jewelclf.export.samples import labelled_test_images, run_images
+from jewelclf.inference.policy import ReviewPolicy, for_run
 from jewelclf.inference.runtime import keras_pixels, keras_probabilities, tflite_interpreter, tflite_probabilities
 from jewelclf.runs import RunModel, load_run, timestamp
 
@@ -70,12 +72,26 @@ def _representative_dataset(run: RunModel, parity_data: str | None) -> Callable:
     return _representative
 
 
+def calibrated_model(run: RunModel):
+    """The run's model with its temperature scaling appended: pixels in, calibrated probabilities out."""
+    import keras
+
+    from jewelclf.modeling.confidence import TemperatureScaling
+
+    if run.temperature == 1.0:
+        return run.model
+    inputs = keras.Input(run.model.input_shape[1:], name="pixels")
+    outputs = TemperatureScaling(run.temperature, name="calibration")(run.model(inputs, training=False))
+    return keras.Model(inputs, outputs, name=f"{run.model.name}_calibrated")
+
+
 def _convert(run: RunModel, path: Path, mode: str, spec: list, representative: Callable | None) -> None:
-    """Write ``path``: the run's model through LiteRT's converter in ``mode``."""
+    """Write ``path``: the run's calibrated model through LiteRT's converter in ``mode``."""
     options = _converter_options(mode, representative)
+    model = calibrated_model(run)
 
     def save(tmp, options=options):
-        run.model.export(str(tmp), format="litert", verbose=False, input_signature=spec, **options)
+        model.export(str(tmp), format="litert", verbose=False, input_signature=spec, **options)
 
     try:
         fsio.atomic_save(path, save)
@@ -86,19 +102,21 @@ def _convert(run: RunModel, path: Path, mode: str, spec: list, representative: C
                             f"{str(e).strip().splitlines()[-1][:200] if str(e) else ''}") from None
 
 
-def _tflite_report(run: RunModel, out_dir: Path, images: list, test_data: str | None, test,
-                   keras_test, results: dict[str, Any]) -> dict[str, Any]:
+def _tflite_report(run: RunModel, policy: ReviewPolicy, out_dir: Path, images: list, test_data: str | None,
+                   test, keras_test, results: dict[str, Any]) -> dict[str, Any]:
     """Write ``jewelclf.json``, the class names and the report beside the models; return the report."""
     from jewelclf import runs as rd
 
-    info = {"format": "tflite", **run.describe(),
+    info = {"format": "tflite", **run.describe(), **policy.describe(),
             "input": f"float32 [batch, {run.image_size}, {run.image_size}, 3] RGB pixels 0..255, "
                      f"resized with '{run.resize}' (decode and resize before the model)",
-            "output": "float32 [batch, classes] probabilities in class_names order"}
+            "output": "float32 [batch, classes] calibrated probabilities (the temperature is in "
+                      "the model) in class_names order; an image needs review when its top "
+                      "probability is below review_threshold"}
     write_json(out_dir / INFO, info)
     write_json(out_dir / CLASS_NAMES, run.class_names)
     report = {"format": "tflite", "path": str(out_dir.resolve()),
-              "created": timestamp(), **run.describe(),
+              "created": timestamp(), **run.describe(), **policy.describe(),
               "keras_size_bytes": (Path(run.run_dir) / rd.MODEL).stat().st_size,
               "parity_images": [{"key": im.key, "label": im.label} for im in images],
               "test_data": test_data, "modes": results, "environment": rd.environment()}
@@ -111,19 +129,25 @@ def _tflite_report(run: RunModel, out_dir: Path, images: list, test_data: str | 
 
 def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str] = ("none",),
                   test_data: str | None = None, parity_data: str | None = None,
-                  overwrite: bool = False, log: Log = print) -> dict[str, Any]:
-    """One ``model_<mode>.tflite`` per mode, with a report on size, agreement and accuracy."""
+                  overwrite: bool = False, log: Log = print,
+                  review_threshold: float | None = None) -> dict[str, Any]:
+    """One ``model_<mode>.tflite`` per mode, with a report on size, agreement and accuracy.
+
+    The models answer calibrated probabilities; ``jewelclf.json`` records the review threshold
+    (the run's, or ``review_threshold``). The unknown score needs the pooled features and
+    the training vectors, which the TFLite models leave out: it is the SavedModel's."""
     import keras
 
     require_tensorflow_backend()
     modes = _check_modes(modes)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    policy = for_run(run, review_threshold, log, reference=False)
     out_dir = Path(output) if output is not None else default_output(run_dir, "tflite")
     prepare_folder(out_dir, [f"model_{m}.tflite" for m in modes], overwrite)
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
     pixels = keras_pixels([im.data for im in images], run.image_size, run.resize)
-    keras_probs = keras_probabilities(run.model, pixels)
+    keras_probs = np.asarray(scale(keras_probabilities(run.model, pixels), run.temperature), np.float32)
     representative = _representative_dataset(run, parity_data) if "int8" in modes else None
 
     test = labelled_test_images(test_data, run.class_names, run.config.data) if test_data else None
@@ -154,4 +178,4 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
         log(f"  {path}: {entry['size_mb']:.3f} MB, top-1 agreement {entry['top1_agreement']:.3f}, "
             f"max |diff| {entry['max_abs_diff']:.2e}"
             + (f", test accuracy {entry['test_accuracy']:.4f}" if test else ""))
-    return _tflite_report(run, out_dir, images, test_data, test, keras_test, results)
+    return _tflite_report(run, policy, out_dir, images, test_data, test, keras_test, results)

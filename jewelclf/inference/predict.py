@@ -24,9 +24,11 @@ from typing import Any, Iterable
 from jewelclf.data.formats import MAX_FILE_BYTES, recorded_limits
 from jewelclf.display import error_text, quote_name
 from jewelclf.errors import JewelclfError
+from jewelclf.evaluation import reference as reference_mod
 from jewelclf.export.layout import INFO, list_versions
+from jewelclf.inference.policy import for_run, from_info
 from jewelclf.inference.predictors import KerasPredictor, Prediction, Predictor, SavedModelPredictor, TFLitePredictor
-from jewelclf.layout import CLASS_NAMES, CONFIG, MODEL
+from jewelclf.layout import CLASS_NAMES, CONFIG, MODEL, UNKNOWN_REFERENCE
 
 DEFAULT_BATCH = 32
 
@@ -99,7 +101,7 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
         names = run.class_names
         return {"class_names": names, "image_size": run.image_size, "resize": run.resize,
                 "top_k": min(run.top_k, len(names)), **run.limits,
-                "temperature": run.temperature,
+                **for_run(run, reference=False).describe(),
                 "calibration_note": "" if run.calibration is not None else calibration.MISSING_NOTE.format(run=folder)}
     raise JewelclfError(f"no {INFO} (from jewelclf export) or run files (config.yaml, "
                         f"class_names.json) beside the model in '{folder}'; export it with "
@@ -134,16 +136,16 @@ def load_predictor(model: str | Path) -> Predictor:
     info = _pixel_model_info(path.parent)
     names = [str(c) for c in info["class_names"]]
     k = int(info.get("top_k") or min(3, len(names)))
+    policy = from_info(info, reference_mod.read(path.parent / UNKNOWN_REFERENCE))
     if suffix == ".keras":
-        pred = KerasPredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names,
-                              k, temperature=float(info.get("temperature") or 1.0))
+        pred = KerasPredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names, k, policy)
         if info.get("calibration_note"):  # after the load: a broken model stays one line
             print(info["calibration_note"], file=sys.stderr)
         if not pred.image_size:
             pred.image_size = int(pred.model.input_shape[1])
         pred.limits = recorded_limits(info)
         return pred
-    pred = TFLitePredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names, k)
+    pred = TFLitePredictor(path, info.get("image_size") or 0, info.get("resize", "squash"), names, k, policy)
     if not pred.image_size:
         pred.image_size = int(pred.interpreter.get_input_details()[0]["shape"][1])
     pred.limits = recorded_limits(info)
@@ -162,9 +164,10 @@ def predict_files(predictor: Predictor, files: list[Path], top_k: int | None = N
 
     def flush():
         rows = predictor.predict([b for _, b in pending], k)
-        for (i, _), (top, err) in zip(pending, rows):
+        for (i, _), (top, err, review) in zip(pending, rows):
             results[i].top = top or []
             results[i].error = err
+            results[i].review = review
         progress.update(len(pending))
         pending.clear()
 
@@ -184,7 +187,8 @@ def predict_files(predictor: Predictor, files: list[Path], top_k: int | None = N
 
 
 def format_table(results: list[Prediction]) -> str:
-    """One line per image: the image, the best class and its score, then the other top classes."""
+    """One line per image: the image, the best class and its score, then the other top classes;
+    ``[needs review]`` at the end of the images the review policy sends to a person."""
     ok = [r for r in results if r.error is None]
     if not ok:
         return ""
@@ -198,6 +202,8 @@ def format_table(results: list[Prediction]) -> str:
         line = f"{image:<{width}}  {r.top[0][0]:<{cls_width}}  {r.top[0][1]:6.4f}"
         if k > 1:
             line += "  " + ", ".join(f"{c} {s:.3f}" for c, s in r.top)
+        if r.review and r.review.get("needs_review"):
+            line += "  [needs review]"
         lines.append(line)
     return "\n".join(lines)
 

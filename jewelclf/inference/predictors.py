@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,31 @@ import numpy as np
 from jewelclf.data.formats import recorded_limits
 from jewelclf.display import error_text
 from jewelclf.errors import JewelclfError
-from jewelclf.inference.runtime import keras_probabilities, tflite_interpreter, tflite_probabilities
+from jewelclf.inference.policy import ReviewPolicy
+from jewelclf.inference.runtime import keras_probabilities_and_features, tflite_interpreter, tflite_probabilities
 
-Row = tuple[list[tuple[str, float]] | None, str | None]
-"""One image's answer from a predictor: the top (class, score) list, or ``None`` and why."""
+Row = tuple[list[tuple[str, float]] | None, str | None, dict[str, Any] | None]
+"""One image's answer from a predictor: the top (class, score) list, or ``None`` and why; and
+its review fields (``confidence``, ``needs_review``, ``unknown_score`` where known), or ``None``."""
+
+REVIEW_KEYS = ("confidence", "needs_review", "unknown_score")
 
 
 @dataclass
 class Prediction:
-    """The answer for one image: the top classes with scores, or why there is none."""
+    """The answer for one image: the top classes with scores and the review fields, or why
+    there is none."""
 
     image: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    review: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"image": self.image, "error": self.error}
         return {"image": self.image, "class": self.top[0][0], "score": self.top[0][1],
-                "top_k": [{"class": c, "score": s} for c, s in self.top]}
+                "top_k": [{"class": c, "score": s} for c, s in self.top], **(self.review or {})}
 
 
 def _decode_failure(data: bytes, e: BaseException) -> str:
@@ -74,7 +80,7 @@ class Predictor:
             return self._predict_batch(encoded, top_k)
         except BatchError as e:
             if len(encoded) == 1:
-                return [(None, str(e))]
+                return [(None, str(e), None)]
         return [self.predict([b], top_k)[0] for b in encoded]
 
 
@@ -87,24 +93,35 @@ def _top_from_probs(probs: np.ndarray, names: list[str], top_k: int) -> list[tup
     return [(names[i], float(probs[i])) for i in order]
 
 
-def rows_from_outputs(outputs: dict[str, Any], top_k: int, names: list[str] | None):
-    """Rows of (top, error) from the exported signature's outputs (NumPy or JSON lists)."""
+def _review_of(outputs: dict[str, Any], i: int) -> dict[str, Any] | None:
+    """Row ``i``'s review fields that the outputs carry (an export from before them has none)."""
+    review = {}
+    for key in REVIEW_KEYS:
+        if key in outputs:
+            value = outputs[key][i]
+            review[key] = bool(value) if key == "needs_review" else float(value)
+    return review or None
+
+
+def rows_from_outputs(outputs: dict[str, Any], top_k: int, names: list[str] | None) -> list[Row]:
+    """Rows of (top, error, review) from the exported signature's outputs (NumPy or JSON lists)."""
     classes = outputs["classes"]
     scores = outputs["scores"]
     valid = outputs.get("valid")
     errors = outputs.get("error")
     probs = outputs.get("probabilities")
-    rows = []
+    rows: list[Row] = []
     for i in range(len(classes)):
         if valid is not None and not bool(valid[i]):
             err = errors[i] if errors is not None else "could not be decoded"
-            rows.append((None, err.decode() if isinstance(err, bytes) else str(err)))
+            rows.append((None, err.decode() if isinstance(err, bytes) else str(err), None))
             continue
         row_classes = [c.decode() if isinstance(c, bytes) else str(c) for c in classes[i]]
         if top_k > len(row_classes) and names is not None and probs is not None:
-            rows.append((_top_from_probs(np.asarray(probs[i], np.float32), names, top_k), None))
+            top = _top_from_probs(np.asarray(probs[i], np.float32), names, top_k)
         else:
-            rows.append(([(c, float(s)) for c, s in zip(row_classes, scores[i])][:top_k], None))
+            top = [(c, float(s)) for c, s in zip(row_classes, scores[i])][:top_k]
+        rows.append((top, None, _review_of(outputs, i)))
     return rows
 
 
@@ -149,12 +166,14 @@ class SavedModelPredictor(Predictor):
 
 class PixelModelPredictor(Predictor):
     """A model that takes resized float32 pixels (.keras or .tflite): decode and resize here,
-    with training's functions."""
+    with training's functions; the review fields by the export's ``policy``."""
 
-    def __init__(self, image_size: int, resize: str, class_names: list[str], k: int):
+    def __init__(self, image_size: int, resize: str, class_names: list[str], k: int,
+                 policy: ReviewPolicy | None = None):
         self.image_size, self.resize, self.class_names, self.k = image_size, resize, class_names, k
+        self.policy = policy or ReviewPolicy()
 
-    def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
+    def _answer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def predict(self, encoded, top_k):
@@ -169,34 +188,42 @@ class PixelModelPredictor(Predictor):
                 where.append(len(rows))
                 rows.append(None)
             except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-                rows.append((None, _decode_failure(b, e)))
+                rows.append((None, _decode_failure(b, e), None))
         if pixels:
-            probs = self._probabilities(np.stack(pixels))
-            for i, p in zip(where, probs):
-                rows[i] = (_top_from_probs(p, self.class_names, top_k), None)
+            answer = self._answer(np.stack(pixels))
+            for j, i in enumerate(where):
+                rows[i] = (_top_from_probs(answer["probabilities"][j], self.class_names, top_k), None,
+                           _review_of(answer, j))
         return rows
 
 
 class KerasPredictor(PixelModelPredictor):
-    """A ``.keras`` model; its probabilities are calibrated with the run's ``temperature``."""
+    """A ``.keras`` model, answered by its run's review policy: calibrated with the run's
+    temperature, and with the unknown score where the run's reference is known."""
 
     def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int,
-                 temperature: float = 1.0):
+                 policy: ReviewPolicy | None = None):
         from jewelclf.runs import load_model_file
 
-        super().__init__(image_size, resize, class_names, k)
+        super().__init__(image_size, resize, class_names, k, policy)
         self.model = load_model_file(path, len(class_names))
-        self.temperature = temperature
         self.description = f"Keras model {path}"
 
-    def _probabilities(self, pixels):
-        from jewelclf.evaluation.calibration import scale
-        return scale(keras_probabilities(self.model, pixels), self.temperature)
+    def _answer(self, pixels):
+        raw, features = keras_probabilities_and_features(self.model, pixels)
+        answer = self.policy.answer(raw, features if self.policy.reference is not None else None)
+        if self.policy.reference is None:
+            answer.pop("unknown_score")
+        return answer
 
 
 class TFLitePredictor(PixelModelPredictor):
-    def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int):
-        super().__init__(image_size, resize, class_names, k)
+    """A ``.tflite`` model: its probabilities are already calibrated (the temperature is in the
+    model); ``needs_review`` by the recorded review threshold alone."""
+
+    def __init__(self, path: Path, image_size: int, resize: str, class_names: list[str], k: int,
+                 policy: ReviewPolicy | None = None):
+        super().__init__(image_size, resize, class_names, k, policy)
         try:
             self.interpreter = tflite_interpreter(path)
             self.interpreter.allocate_tensors()
@@ -204,8 +231,11 @@ class TFLitePredictor(PixelModelPredictor):
             raise JewelclfError(f"cannot load '{path}' as TFLite ({error_text(e)})") from None
         self.description = f"TFLite model {path}"
 
-    def _probabilities(self, pixels):
-        return tflite_probabilities(self.interpreter, pixels)
+    def _answer(self, pixels):
+        answer = replace(self.policy, temperature=1.0, reference=None).answer(
+            tflite_probabilities(self.interpreter, pixels))
+        answer.pop("unknown_score")
+        return answer
 
 
 def predict_url(server: str, model: str, version: int | None = None) -> str:

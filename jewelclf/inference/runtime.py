@@ -32,6 +32,21 @@ def keras_probabilities(model, pixels: np.ndarray, batch_size: int = 32) -> np.n
         for i in range(0, len(pixels), batch_size)])
 
 
+def keras_probabilities_and_features(model, pixels: np.ndarray,
+                                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The Keras model's probabilities and pooled backbone features on uint8 pixels, in one pass."""
+    from jewelclf.modeling.classifier import with_features
+
+    both = with_features(model)
+    dim = int(both.output["features"].shape[-1])
+    if len(pixels) == 0:
+        return np.zeros((0, model.output_shape[-1]), np.float32), np.zeros((0, dim), np.float32)
+    outs = [both(pixels[i:i + batch_size].astype(np.float32), training=False)
+            for i in range(0, len(pixels), batch_size)]
+    return (np.concatenate([np.asarray(o["probabilities"], np.float32) for o in outs]),
+            np.concatenate([np.asarray(o["features"], np.float32) for o in outs]))
+
+
 def keras_embeddings(embedder, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The Keras embedding's unit vectors on uint8 pixels (cast to float32, as ``index`` does)."""
     dim = int(embedder.output.shape[-1])

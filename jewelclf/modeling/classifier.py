@@ -111,6 +111,15 @@ def without_augmentation(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model.get_layer(HEAD)(features), name=f"{model.name}_noaug")
 
 
+def with_features(model: keras.Model) -> keras.Model:
+    """The model without augmentation, answering ``{"probabilities", "features"}`` (the pooled
+    backbone features) in one pass; shares every layer with ``model``."""
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    features = feature_extractor(model)(inputs)
+    return keras.Model(inputs, {"probabilities": model.get_layer(HEAD)(features), "features": features},
+                       name=f"{model.name}_features")
+
+
 def unfreeze_top_blocks(model: keras.Model, spec: BackboneSpec, n_blocks: int) -> list[str]:
     """Make the top ``n_blocks`` blocks of the backbone trainable; keep BatchNorm frozen.
 

@@ -473,7 +473,7 @@ def test_disk_full_during_a_savedmodel_export_keeps_the_previous_version(tiny_ru
     before, names = tree_digest(base), sorted(p.name for p in base.iterdir())
 
     if where == "variables":
-        def write(run, path):
+        def write(run, path, policy):
             (Path(path) / "variables").mkdir(parents=True)
             (Path(path) / "saved_model.pb").write_bytes(b"\x08\x01 new graph")
             (Path(path) / "variables" / "variables.data-00000-of-00001").write_bytes(b"\x00" * 4096)

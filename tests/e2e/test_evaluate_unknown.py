@@ -52,8 +52,9 @@ def _evaluate(run_dir, data, unknown, out):
 
 def test_unknown_metrics_are_sklearns_on_the_modules_own_scores(unknown_run, tmp_path):
     from jewelclf.data.sources import load_source
-    from jewelclf.evaluation import unknown_eval
+    from jewelclf.evaluation import reference, unknown_eval
     from jewelclf.evaluation.evaluate import choose_records
+    from jewelclf.evaluation.unknown import knn_distance
     from jewelclf.runs import load_run
 
     run_dir, data, other = unknown_run
@@ -73,7 +74,14 @@ def test_unknown_metrics_are_sklearns_on_the_modules_own_scores(unknown_run, tmp
     source.class_names = run_model.class_names
     plan = unknown_eval.prepare(other, run_model, source)
     plan.load_training(source if chosen.from_run else None)
-    scores = unknown_eval.knn_scores(plan, source, chosen.records)
+    _, known_features = reference.model_features(run_model.model, source, chosen.records, run_model.config)
+    scores = unknown_eval.knn_scores(plan, known_features)
+    # The run's stored reference is what a fresh pass over its train and val images gives.
+    src, train, val = reference.train_and_val(run_model, "the test", source if chosen.from_run else None)
+    train_features = reference.model_features(run_model.model, src, train, run_model.config)[1]
+    val_features = reference.model_features(run_model.model, src, val, run_model.config)[1]
+    np.testing.assert_allclose(scores.val, knn_distance(train_features, val_features), atol=1e-5)
+    np.testing.assert_allclose(scores.known, knn_distance(train_features, known_features), atol=1e-5)
     rows = _rows(tmp_path / "out" / "unknown_scores.csv")
     written = {r["kind"]: [float(x["distance"]) for x in rows if x["kind"] == r["kind"]] for r in rows}
     np.testing.assert_allclose(scores.known, written["known"], atol=1e-5)
@@ -81,7 +89,7 @@ def test_unknown_metrics_are_sklearns_on_the_modules_own_scores(unknown_run, tmp
     y = np.r_[np.zeros(len(scores.known)), np.ones(len(scores.unknown))]
     assert u["auroc"] == pytest.approx(roc_auc_score(y, np.r_[scores.known, scores.unknown]), abs=1e-6)
     assert u["threshold"] == pytest.approx(np.percentile(scores.val, 95, method="higher"), abs=1e-6)
-    assert len(scores.val) == len(plan.val) > 0
+    assert len(scores.val) == len(val) > 0
     assert np.mean(scores.val <= u["threshold"]) >= 0.95 - 1e-9  # 95% of known val images pass
     assert u["unknown_flagged"] == pytest.approx(np.mean(scores.unknown > u["threshold"]))
     # Accepted known images pass both thresholds: no more than pass the distance alone.
@@ -128,11 +136,13 @@ def _bad_folders(tmp_path, data):
     (tmp_path / "unreadable" / "notes.txt").write_text("not an image")
     make_image("other", 1, path=tmp_path / "classy" / "misc" / "Ring" / "r.jpg")
     make_image("other", 2, path=data / "misc_unknown" / "x.jpg")
+    make_image("other", 3, path=tmp_path / "RING" / "r.jpg")
     return {
         "missing": (tmp_path / "nope", "does not exist"),
         "a file": (tmp_path / "a_file.jpg", "is not a folder"),
         "no readable image": (tmp_path / "unreadable", "holds no readable image"),
         "a class subfolder": (tmp_path / "classy", "that class was trained"),
+        "named like a class": (tmp_path / "RING", "that class was trained"),
         "inside DATA": (data / "misc_unknown", "is inside DATA"),
         "holds DATA": (data.parent, "is inside the --unknown folder"),
     }

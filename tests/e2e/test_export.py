@@ -27,6 +27,8 @@ from jewelclf.export import layout, samples, staging
 from jewelclf.export import parity as parity_check
 from jewelclf.export import savedmodel as ex
 from jewelclf.export.staging import Staging
+from jewelclf.inference import policy
+from jewelclf.inference.runtime import keras_probabilities_and_features
 
 from export_helpers import encode, exported_tiny, noisy
 
@@ -47,8 +49,28 @@ def loaded(exported):
 
 
 def keras_reference(run, encoded: list[bytes]) -> np.ndarray:
+    """The Keras model's calibrated probabilities (the run's temperature), as the export answers."""
+    return keras_answer(run, encoded)["probabilities"]
+
+
+def keras_answer(run, encoded: list[bytes], review_threshold=None) -> dict[str, np.ndarray]:
+    """What serving_default should answer, from the Keras model and the run's review policy."""
     pixels = np.stack([load_image(tf.constant(b), run.image_size, run.resize).numpy() for b in encoded])
-    return np.asarray(run.model(pixels.astype(np.float32), training=False))
+    return policy.for_run(run, review_threshold).answer(*keras_probabilities_and_features(run.model, pixels))
+
+
+def full_outputs(run, answer: dict[str, np.ndarray], names_ok: bool = True) -> dict[str, list]:
+    """A classifying signature's outputs (as JSON lists) for a Keras ``answer``."""
+    p = answer["probabilities"]
+    order = np.argsort(-p, axis=1)[:, :run.k]
+    classes = [[run.class_names[j] for j in row] for row in order]
+    if not names_ok:
+        classes[0] = classes[0][::-1]
+    return {"probabilities": p.tolist(), "classes": classes,
+            "scores": np.take_along_axis(p, order, 1).tolist(), "valid": [True] * len(p),
+            "error": [""] * len(p), "confidence": answer["confidence"].tolist(),
+            "needs_review": answer["needs_review"].tolist(),
+            "unknown_score": answer["unknown_score"].tolist()}
 
 
 def keras_embedding(run, encoded: list[bytes]) -> np.ndarray:
@@ -261,16 +283,14 @@ def test_failed_parity_raises_and_leaves_nothing(exported, tiny_run, tmp_path, m
 
     def fake_child(saved_model, images, work, timeout=600):
         assert saved_model.parent.name.startswith(staging.TMP_PREFIX) and (saved_model / "saved_model.pb").is_file()
-        probs = keras_reference(run, [im.data for im in images])
-        order = np.argsort(-probs, axis=1)
-        full = {"probabilities": probs, "classes": [[run.class_names[j] for j in row] for row in order],
-                "scores": np.take_along_axis(probs, order, 1), "valid": [True] * len(probs),
-                "error": [""] * len(probs)}
+        answer = keras_answer(run, [im.data for im in images])
+        probs = answer["probabilities"]
+        full = full_outputs(run, answer)
         pixels = [{k: [np.asarray(v[i]).tolist()] for k, v in full.items()} for i in range(len(probs))]
         bad = dict(full, probabilities=(probs + np.array([1e-3, 0, 0])).tolist())
         return {"signatures": {}, "serving_default": bad, "serving_pixels": pixels, "jewelclf_imported": False}
 
-    monkeypatch.setattr(ex, "write_savedmodel", lambda run, path: shutil.copytree(exported / "1", path))
+    monkeypatch.setattr(ex, "write_savedmodel", lambda run, path, policy: shutil.copytree(exported / "1", path))
     monkeypatch.setattr(ex, "run_in_fresh_process", fake_child)
     base = tmp_path / "tiny"
     r = CliRunner().invoke(main, ["export", str(tiny_run), "--output", str(base)])
@@ -286,17 +306,12 @@ def test_failed_parity_raises_and_leaves_nothing(exported, tiny_run, tmp_path, m
 
 def test_compare_parity_catches_top1_and_name_mismatches(run):
     images = [samples.LabelledImage(f"k{i}", "ring", encode(noisy((20 + i, 30, 3), i), "PNG")) for i in range(3)]
-    probs = keras_reference(run, [im.data for im in images])
-    k = run.k
-    order = np.argsort(-probs, axis=1)[:, :k]
+    answer = keras_answer(run, [im.data for im in images])
+    probs = answer["probabilities"]
+    rules = policy.for_run(run)
 
     def outputs(p, names_ok=True):
-        classes = [[run.class_names[j] for j in row] for row in order]
-        if not names_ok:
-            classes[0] = classes[0][::-1]
-        return {"probabilities": p.tolist(), "classes": classes,
-                "scores": np.take_along_axis(p, order, 1).tolist(), "valid": [True] * len(p),
-                "error": [""] * len(p)}
+        return full_outputs(run, {**answer, "probabilities": p}, names_ok)
 
     def pixels_rows(p):
         full = outputs(p)
@@ -306,32 +321,33 @@ def test_compare_parity_catches_top1_and_name_mismatches(run):
     embed = {"embedding": vectors.tolist(), "valid": [True] * 3, "error": [""] * 3}
     good = {"serving_default": outputs(probs), "serving_pixels": pixels_rows(probs), "embed": embed,
             "jewelclf_imported": False}
-    passed = parity_check.compare_parity(run, images, good)
+    passed = parity_check.compare_parity(run, images, good, rules)
     assert passed["passed"], passed["problems"]
     assert passed["signatures"]["embed"]["max_abs_diff"] <= 1e-6
 
     # embed: a vector off by more than the tolerance, a missing signature, an invalid row
     off = vectors.copy()
     off[2] = np.roll(off[2], 1)
-    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "embedding": off.tolist()}})
+    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "embedding": off.tolist()}}, rules)
     assert not result["passed"]
     assert any(p.startswith("embed: embeddings differ from the Keras embedding") for p in result["problems"])
     assert any(p.startswith("embed: cosine with the Keras embedding") for p in result["problems"])
-    result = parity_check.compare_parity(run, images, {k_: v for k_, v in good.items() if k_ != "embed"})
+    result = parity_check.compare_parity(run, images, {k_: v for k_, v in good.items() if k_ != "embed"}, rules)
     assert not result["passed"] and any("embed: the fresh process got no output" in p for p in result["problems"])
-    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "valid": [True, False, True]}})
+    result = parity_check.compare_parity(run, images, {**good, "embed": {**embed, "valid": [True, False, True]}}, rules)
     assert result["problems"] == ["embed: vectors are not all valid unit vectors"]
 
     rolled = probs.copy()
     rolled[1] = np.roll(probs[1], 1)  # same values, another top-1
     assert rolled[1].argmax() != probs[1].argmax()
-    result = parity_check.compare_parity(run, images, {**good, "serving_pixels": pixels_rows(rolled)})
+    result = parity_check.compare_parity(run, images, {**good, "serving_pixels": pixels_rows(rolled)}, rules)
     assert not result["passed"]
     assert "serving_pixels: top-1 differs from the Keras model on 1 of 3 images" in result["problems"]
 
-    result = parity_check.compare_parity(run, images, {**good, "serving_default": outputs(probs, names_ok=False)})
+    swapped = {**good, "serving_default": outputs(probs, names_ok=False)}
+    result = parity_check.compare_parity(run, images, swapped, rules)
     assert not result["passed"] and any("disagree" in p for p in result["problems"])
-    result = parity_check.compare_parity(run, images, {**good, "jewelclf_imported": True})
+    result = parity_check.compare_parity(run, images, {**good, "jewelclf_imported": True}, rules)
     assert not result["passed"]
 
 
@@ -493,7 +509,9 @@ def test_saved_model_cli_lists_the_three_signatures(exported):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sigs = _parse_listing(proc.stdout)
     outputs = {"probabilities": ("DT_FLOAT", "(-1, 3)"), "classes": ("DT_STRING", "(-1, 3)"),
-               "scores": ("DT_FLOAT", "(-1, 3)"), "valid": ("DT_BOOL", "(-1)"), "error": ("DT_STRING", "(-1)")}
+               "scores": ("DT_FLOAT", "(-1, 3)"), "valid": ("DT_BOOL", "(-1)"), "error": ("DT_STRING", "(-1)"),
+               "confidence": ("DT_FLOAT", "(-1)"), "needs_review": ("DT_BOOL", "(-1)"),
+               "unknown_score": ("DT_FLOAT", "(-1)")}
     assert sigs["serving_default"]["inputs"] == {"images": ("DT_STRING", "(-1)")}
     assert sigs["serving_default"]["outputs"] == outputs
     assert sigs["serving_pixels"]["inputs"] == {"pixels": ("DT_UINT8", "(-1, -1, -1, 3)")}

@@ -109,7 +109,7 @@ def test_stage1_feature_pass_and_predict_count_images(terminal, tmp_path):
         k, limits = 1, None  # the Predictor interface: top-k, and no recorded pixel limits
 
         def predict(self, encoded, k):
-            return [([("ring", 1.0)], None) for _ in encoded]
+            return [([("ring", 1.0)], None, None) for _ in encoded]
 
     folder = make_class_folder(tmp_path / "photos", per_class=1)
     (folder / "broken.jpg").write_bytes(b"")

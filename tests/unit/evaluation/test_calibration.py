@@ -269,13 +269,13 @@ def test_predict_with_a_run_applies_its_temperature(tiny_run, tmp_path):
     from jewelclf.inference.runtime import keras_probabilities
 
     predictor = load_predictor(_copy_run(tiny_run, tmp_path / "scaled", temperature=2.5))
-    assert predictor.temperature == 2.5
+    assert predictor.policy.temperature == 2.5
     image = next((tiny_run.parent / "data" / "test").rglob("*.jpg"))
     pixels = load_image(tf.constant(image.read_bytes()), predictor.image_size,
                         predictor.resize).numpy()[None]
     raw = keras_probabilities(predictor.model, pixels)
-    np.testing.assert_allclose(predictor._probabilities(pixels), cal.scale(raw, 2.5), rtol=1e-5)
-    assert load_predictor(_copy_run(tiny_run, tmp_path / "old")).temperature == 1.0
+    np.testing.assert_allclose(predictor._answer(pixels)["probabilities"], cal.scale(raw, 2.5), rtol=1e-5)
+    assert load_predictor(_copy_run(tiny_run, tmp_path / "old")).policy.temperature == 1.0
 
 
 def test_target_accuracy_flag_and_its_range(class_folder, tmp_path):

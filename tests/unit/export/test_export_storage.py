@@ -130,7 +130,7 @@ def test_a_version_that_appears_at_the_final_rename_is_a_one_line_error(tiny_run
     base = tmp_path / "tiny"
     final = base / "1"
 
-    def write(run, path):
+    def write(run, path, policy):
         shutil.copytree(exported / "1", path)
         final.mkdir()  # theirs lands while ours is checked
         (final / "saved_model.pb").write_text("theirs")

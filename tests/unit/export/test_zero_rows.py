@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from jewelclf import runs
 from jewelclf.export import serving
+from jewelclf.inference.policy import for_run
 
 
 def _refusing_empty(fn):
@@ -55,7 +56,9 @@ def test_every_serving_graph_guards_the_network(run, tmp_path, monkeypatch):
         return real(_refusing_empty(fn), x, valid, dim)
 
     monkeypatch.setattr(serving, "run_on_valid_rows", spy)
-    serving.build_archive(run).write_out(str(tmp_path / "sm"), verbose=False)
+    answers = for_run(run)
+    archive = serving.build_archive(run, answers.reference, answers.review_threshold)
+    archive.write_out(str(tmp_path / "sm"), verbose=False)
     assert len(wrapped) >= 3  # each signature's network goes through the guard
     loaded = tf.saved_model.load(str(tmp_path / "sm"))
     n = len(run.class_names)
