@@ -29,10 +29,15 @@ RELIABILITY_PNG = "reliability_diagram.png"
 COVERAGE_PNG = "coverage_accuracy.png"
 
 
-def calibrate_run(model, data, config, run_dir: Path, log=print) -> Calibration:
+def calibrate_run(model, data, config, run_dir: Path, log=print,
+                  stage1_features: tuple[np.ndarray, np.ndarray] | None = None) -> Calibration:
     """Fit the temperature and the review threshold (for ``train.target_accuracy``) on the
     validation split of ``data`` (a ``PreparedData``), and the unknown reference on its train
-    and val images; write both into the run."""
+    and val images; write both into the run.
+
+    ``stage1_features`` (stage 1's frozen-backbone features of train and val) stand in for a
+    pass over the training images when the model's val features still equal them, i.e. when
+    no stage-2 step changed the backbone."""
     from jewelclf.runs import CALIBRATION, UNKNOWN_REFERENCE
 
     y_val = labels_of(data.val, data.class_names)
@@ -40,7 +45,11 @@ def calibrate_run(model, data, config, run_dir: Path, log=print) -> Calibration:
     calibration = calibration_mod.calibrate(probs, y_val, config.train.target_accuracy)
     calibration_mod.write(Path(run_dir) / CALIBRATION, calibration)
     log(calibration.describe())
-    _, train_features = reference_mod.model_features(model, data.source, data.train, config)
+    if stage1_features is not None and stage1_features[1].shape == val_features.shape and np.allclose(
+            stage1_features[1], val_features, rtol=1e-4, atol=1e-5):
+        train_features = stage1_features[0]
+    else:
+        _, train_features = reference_mod.model_features(model, data.source, data.train, config)
     reference = reference_mod.from_features(train_features, val_features)
     reference_mod.write(Path(run_dir) / UNKNOWN_REFERENCE, reference)
     log(reference.describe_line())

@@ -253,7 +253,8 @@ def _fit_locked(data_spec: str, run_dir: Path, config: Config, overwrite: bool, 
         if resume and progress is not None:
             trim_history(run_dir / rd.HISTORY, progress)
         stages = train_model(model, config, datasets, run_dir, log, progress=progress)
-        summary, calibration = _save_trained(model, data, config, run_dir, stages, log)
+        stage1 = progress.load_features(len(data.train), len(data.val)) if progress is not None else None
+        summary, calibration = _save_trained(model, data, config, run_dir, stages, log, stage1)
         if data.test:
             summary["test"] = _evaluate_test(model, data, data_spec, config, run_dir, calibration, dist, log)
     if datasets.cache == "disk":
@@ -327,10 +328,10 @@ def _checked_data(data_spec: str, run_dir: Path, config: Config, resume: bool, l
 
 
 def _save_trained(model: keras.Model, data: PreparedData, config: Config, run_dir: Path,
-                  stages: dict[str, Any], log: Log) -> tuple[dict[str, Any], Any]:
+                  stages: dict[str, Any], log: Log, stage1_features=None) -> tuple[dict[str, Any], Any]:
     """Calibrate, save ``model.keras`` and the training curves; the run summary so far, and the calibration."""
     # On the restored best weights, before model.keras: a saved model has its calibration.
-    calibration = calibrate_run(model, data, config, run_dir, log)
+    calibration = calibrate_run(model, data, config, run_dir, log, stage1_features)
     # Leave the backbone frozen in the saved model, so a reload trains the head by default.
     model.get_layer("backbone").trainable = False
     fsio.atomic_save(run_dir / rd.MODEL, model.save)
