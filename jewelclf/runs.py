@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import json
 import os
@@ -261,6 +262,17 @@ class RunModel:
         """The run's data limits, which the serving graphs and ``predict`` apply to each image."""
         return {"max_pixels": int(self.config.data.max_pixels),
                 "min_image_side": int(self.config.data.min_image_side)}
+
+
+def read_splits(run_dir: Path, fields: tuple[str, ...] = ("path", "split")) -> list[dict[str, str]]:
+    """The rows of the run's ``splits.csv`` (one per file: ``path``, ``label``, ``split``); an
+    empty list when it is missing, unreadable, or a row lacks one of ``fields``."""
+    try:
+        with open(Path(run_dir) / SPLITS, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return rows if all(all(r.get(k) is not None for k in fields) for r in rows) else []
 
 
 def read_config(run_dir: Path):

@@ -137,13 +137,9 @@ class Selection:
 
 
 def _run_split_rows(run_dir: Path) -> dict[str, str]:
-    from jewelclf.runs import SPLITS
+    from jewelclf.runs import read_splits
 
-    path = run_dir / SPLITS
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        return {row["path"]: row["split"] for row in csv.DictReader(f)}
+    return {row["path"]: row["split"] for row in read_splits(run_dir)}
 
 
 def _rejected_paths(run_dir: Path) -> set[str]:

@@ -13,7 +13,6 @@ first use (:func:`ensure`).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -117,15 +116,12 @@ def read(path: Path) -> UnknownReference | None:
 
 def split_rows(run_dir: Path, needed_for: str) -> dict[str, str]:
     """The run's ``splits.csv`` as ``{path: split}``; a one-line error when missing."""
-    path = Path(run_dir) / SPLITS
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = {row["path"]: row["split"] for row in csv.DictReader(f)}
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
-        rows = {}
+    from jewelclf.runs import read_splits
+
+    rows = {row["path"]: row["split"] for row in read_splits(run_dir)}
     if not rows:
-        raise JewelclfError(f"'{path}' is missing or unreadable, and {needed_for} needs the "
-                            f"run's training images; fit the run again")
+        raise JewelclfError(f"'{Path(run_dir) / SPLITS}' is missing or unreadable, and {needed_for} "
+                            f"needs the run's training images; fit the run again")
     return rows
 
 

@@ -7,15 +7,13 @@ is checked only on images training would have accepted.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from jewelclf.errors import JewelclfError
-from jewelclf.runs import RunModel
+from jewelclf.runs import RunModel, read_splits
 
 
 @dataclass
@@ -25,16 +23,6 @@ class LabelledImage:
     key: str
     label: str
     data: bytes
-
-
-def _read_splits(run_dir: Path) -> list[dict[str, str]]:
-    from jewelclf.runs import SPLITS
-
-    path = Path(run_dir) / SPLITS
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _round_robin(rows: list, label_of: Callable[[Any], str], n: int) -> list:
@@ -96,7 +84,7 @@ def run_images(run: RunModel, splits: Iterable[str], n: int, data_spec: str | No
             raise JewelclfError(f"the run's data '{spec}' cannot be read ({e}); pass "
                                 f"--parity-data DATA with a few labelled images") from None
         by_key = {r.key: r for r in source.records}
-        rows = _read_splits(run.run_dir)
+        rows = read_splits(run.run_dir)
         candidates = []
         for split in splits:
             chosen = [by_key[r["path"]] for r in rows if r.get("split") == split and r.get("path") in by_key]

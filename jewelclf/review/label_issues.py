@@ -126,17 +126,12 @@ def _refuse_output_in_data(output: Path, source) -> None:
 
 def split_rows(run_dir: Path) -> dict[str, dict[str, str]]:
     """The rows of the run's ``splits.csv`` by path; a one-line error when it is unreadable."""
-    from jewelclf.runs import SPLITS
+    from jewelclf.runs import SPLITS, read_splits
 
-    path = run_dir / SPLITS
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = {row["path"]: row for row in csv.DictReader(f)}
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
-        rows = {}
-    if not rows or any(not {"label", "split"} <= set(r) for r in rows.values()):
-        raise JewelclfError(f"'{path}' is missing or unreadable; the run is incomplete, train "
-                            f"it again")
+    rows = {row["path"]: row for row in read_splits(run_dir, ("path", "label", "split"))}
+    if not rows:
+        raise JewelclfError(f"'{run_dir / SPLITS}' is missing or unreadable; the run is incomplete, "
+                            f"train it again")
     return rows
 
 
