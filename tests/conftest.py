@@ -177,3 +177,11 @@ def tiny_run(tmp_path_factory) -> Path:
     result = CliRunner().invoke(main, ["fit", str(data), "--run-dir", str(run_dir), *TINY_FLAGS])
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    """The SavedModel export of ``tiny_run`` (``<tmp>/exported/tiny``, version 1), made once."""
+    from export_helpers import exported_tiny
+
+    return exported_tiny(tiny_run, tmp_path_factory)

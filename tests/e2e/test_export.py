@@ -30,12 +30,7 @@ from jewelclf.export.staging import Staging
 from jewelclf.inference import policy
 from jewelclf.inference.runtime import keras_probabilities_and_features
 
-from export_helpers import encode, exported_tiny, noisy
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> Path:
-    return exported_tiny(tiny_run, tmp_path_factory)
+from export_helpers import encode, noisy
 
 
 @pytest.fixture(scope="module")

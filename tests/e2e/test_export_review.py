@@ -25,7 +25,7 @@ from jewelclf.inference.policy import for_run
 from jewelclf.inference.runtime import keras_probabilities_and_features
 
 from conftest import TEXTURES, make_texture
-from export_helpers import encode, exported_tiny
+from export_helpers import encode
 
 # Run as `python -c` with the SavedModel and an .npz of encoded images; prints the outputs.
 FRESH = r"""
@@ -39,11 +39,6 @@ out = {k: v.numpy().tolist() for k, v in fn(images=tf.constant(images)).items() 
 out["jewelclf_imported"] = any(m.split(".")[0] == "jewelclf" for m in sys.modules)
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> Path:
-    return exported_tiny(tiny_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,6 @@ from jewelclf.inference import predict as pr
 from jewelclf.inference import predictors
 
 from conftest import make_image
-from export_helpers import exported_tiny
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> Path:
-    return exported_tiny(tiny_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
