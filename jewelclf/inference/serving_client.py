@@ -30,6 +30,7 @@ from typing import Any
 from jewelclf.display import one_line
 from jewelclf.errors import JewelclfError
 from jewelclf.inference.predictors import (
+    REVIEW_KEYS,
     BatchError,
     Predictor,
     predict_request_body,
@@ -217,8 +218,9 @@ def _parse_json(where: str, raw: bytes) -> Any:
 
 
 def reply_columns(answer: Any, n: int, where: str) -> dict[str, list]:
-    """The ``classes``, ``scores`` and (if served) ``valid`` and ``error`` columns of a predict
-    reply for ``n`` images, in either documented shape, every value checked."""
+    """The ``classes``, ``scores`` and (if served) ``valid``, ``error``, ``confidence``,
+    ``needs_review`` and ``unknown_score`` columns of a predict reply for ``n`` images, in either
+    documented shape, every value checked."""
     try:
         columns = _columns(answer, n)
         _check_columns(columns, n)
@@ -242,7 +244,7 @@ def _columns(answer: Any, n: int) -> dict[str, list]:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise _Bad(f"prediction {i + 1} as {_a(row)}, not an object of named outputs")
-        keys = [k for k in ("classes", "scores", "valid", "error") if k in rows[0]]
+        keys = [k for k in ("classes", "scores", "valid", "error", *REVIEW_KEYS) if k in rows[0]]
         for i, row in enumerate(rows):
             missing = [k for k in keys if k not in row] + [k for k in ("classes", "scores") if k not in row]
             if missing:
@@ -255,7 +257,7 @@ def _columns(answer: Any, n: int) -> dict[str, list]:
         for k in ("classes", "scores"):
             if k not in outputs:
                 raise _Bad(f"'outputs' without '{k}'")
-        columns = {k: outputs[k] for k in ("classes", "scores", "valid", "error") if k in outputs}
+        columns = {k: outputs[k] for k in ("classes", "scores", "valid", "error", *REVIEW_KEYS) if k in outputs}
         for k, column in columns.items():
             if not isinstance(column, list) or len(column) != n:
                 size = f"{len(column)} rows" if isinstance(column, list) else _a(column)
@@ -289,6 +291,19 @@ def _check_columns(columns: dict[str, list], n: int) -> None:
             raise _Bad(f"'valid' of image {i + 1} as {_brief(columns['valid'][i])}, not true or false")
         if "error" in columns and not isinstance(columns["error"][i], str):
             raise _Bad(f"'error' of image {i + 1} as {_brief(columns['error'][i])}, not a string")
+        _check_review(columns, i)
+
+
+def _check_review(columns: dict[str, list], i: int) -> None:
+    """The review outputs of image ``i``, where served: a boolean and two finite numbers."""
+    if "needs_review" in columns and not isinstance(columns["needs_review"][i], bool):
+        raise _Bad(f"'needs_review' of image {i + 1} as {_brief(columns['needs_review'][i])}, "
+                   f"not true or false")
+    for key in ("confidence", "unknown_score"):
+        if key in columns:
+            v = columns[key][i]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _Bad(f"'{key}' of image {i + 1} as {_brief(v)}, not a finite number")
 
 
 def _a(value: Any) -> str:

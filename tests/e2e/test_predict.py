@@ -181,10 +181,12 @@ class _Stub(BaseHTTPRequestHandler):
         if any(not d.startswith((b"\xff\xd8\xff", b"\x89PNG")) for d in decoded):
             return self._send(400, {"error": "Unknown image file format. One of JPEG, PNG, GIF, BMP required."})
         rows = [{"probabilities": [0.2, 0.1, 0.7], "classes": ["watch", "necklace", "ring"],
-                 "scores": [0.7, 0.2, 0.1], "valid": True, "error": ""} for _ in decoded]
+                 "scores": [0.7, 0.2, 0.1], "valid": True, "error": "", "confidence": 0.7,
+                 "needs_review": False, "unknown_score": 0.125} for _ in decoded]
         if len(decoded) > 1:  # one image in the batch that the model flags as invalid
             rows[1] = {"probabilities": [0.0, 0.0, 0.0], "classes": ["", "", ""],
-                       "scores": [0.0, 0.0, 0.0], "valid": False, "error": "corrupt or truncated JPEG image"}
+                       "scores": [0.0, 0.0, 0.0], "valid": False, "error": "corrupt or truncated JPEG image",
+                       "confidence": 0.0, "needs_review": True, "unknown_score": 0.0}
         self._send(200, {"predictions": rows})
 
     def _send(self, code, obj):
@@ -225,6 +227,7 @@ def test_server_client_wire_format(stub, images):
     rows = _json_rows(r.stdout)
     assert rows[0]["class"] == "watch" and rows[0]["score"] == 0.7
     assert [t["class"] for t in rows[0]["top_k"]] == ["watch", "necklace", "ring"]
+    assert (rows[0]["confidence"], rows[0]["needs_review"], rows[0]["unknown_score"]) == (0.7, False, 0.125)
     assert rows[1]["error"] == "corrupt or truncated JPEG image" and "b_watch.jpg" in r.stderr
     assert rows[2]["class"] == "watch"
 

@@ -125,6 +125,10 @@ BAD_REPLIES = {
     "score a boolean": (predictions(row(scores=(True, 0.1))), "a score of image 1 as a boolean"),
     "valid a string": (predictions(row(valid="yes")), "'valid' of image 1 as a string"),
     "error a number": (predictions(row(error=3)), "'error' of image 1 as a number"),
+    "needs_review a string": (predictions(row(needs_review="yes")), "'needs_review' of image 1 as a string"),
+    "confidence a boolean": (predictions(row(confidence=True)), "'confidence' of image 1 as a boolean"),
+    "unknown_score NaN": (http_reply('{"predictions": [{"classes": ["ring"], "scores": [0.9], '
+                                     '"unknown_score": NaN}]}'), "'unknown_score' of image 1 as a number"),
     "outputs a list": (http_reply('{"outputs": [0.1, 0.9]}'), "'outputs' as a list"),
     # missing keys
     "no predictions": (http_reply('{"result": []}'), "without 'predictions' or 'outputs' (keys: result)"),
@@ -216,11 +220,13 @@ def test_both_documented_shapes_are_read(server, image):
     r, _ = run(server, image, send(predictions(row(classes=("watch", "ring"), scores=(0.75, 0.25)))), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0]["class"] == "watch"
-    columns = {"classes": [["ring", "watch"]], "scores": [[0.625, 0.375]], "valid": [True], "error": [""]}
+    columns = {"classes": [["ring", "watch"]], "scores": [[0.625, 0.375]], "valid": [True], "error": [""],
+               "confidence": [0.625], "needs_review": [True], "unknown_score": [0.25]}
     r, _ = run(server, image, send(http_reply(json.dumps({"outputs": columns}))), "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)[0]["top_k"] == [{"class": "ring", "score": 0.625},
-                                                {"class": "watch", "score": 0.375}]
+    answer = json.loads(r.stdout)[0]
+    assert answer["top_k"] == [{"class": "ring", "score": 0.625}, {"class": "watch", "score": 0.375}]
+    assert (answer["confidence"], answer["needs_review"], answer["unknown_score"]) == (0.625, True, 0.25)
 
 
 def test_server_text_cannot_forge_lines(server, image):
