@@ -19,12 +19,13 @@ import numpy as np
 from jewelclf.errors import JewelclfError
 from jewelclf.evaluation.calibration import scale
 
-THRESHOLD_SOURCES = ("run", "--review-threshold", "none")
-
 
 @dataclass
 class ReviewPolicy:
-    """The run's temperature, review threshold and unknown reference (``None``: no such part)."""
+    """The run's temperature, review threshold and unknown reference (``None``: no such part).
+
+    ``review_threshold_source`` says where the threshold came from: ``run`` (chosen on val by
+    ``fit``), ``--review-threshold`` (the export's override) or ``none``."""
 
     temperature: float = 1.0
     review_threshold: float | None = None
