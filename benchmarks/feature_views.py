@@ -30,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from resize_modes import C_GRID, list_split  # noqa: E402
+from resize_modes import C_GRID, list_split, proxy_arguments  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
@@ -226,13 +225,7 @@ def print_table(rows: dict[str, dict], passes: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with training/ and test/ class folders")
-    parser.add_argument("--weights", required=True, help="the backbone's no-top weights file")
-    parser.add_argument("--backbone", default="vgg16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="/tmp/h19/views", help="where view_<name>_<split>.npz are kept")
+    parser = proxy_arguments(__doc__.splitlines()[0], "/tmp/h19/views", "where view_<name>_<split>.npz are kept")
     parser.add_argument("--squash-cache", default="/tmp/h19/pad/feat_squash.npz",
                         help="resize_modes.py's squash features, reused for block 5 of the originals")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in order, of {STEPS}")

@@ -102,15 +102,21 @@ def score(feat: dict[str, np.ndarray], seed: int) -> dict[str, float]:
             "seconds": float(feat["seconds"]), "n_train": len(y), "n_test": len(pred)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def proxy_arguments(description: str, cache_dir: str, cache_help: str) -> argparse.ArgumentParser:
+    """The flags both stage-1 proxy benchmarks take (this one and ``feature_views.py``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True, help="folder with training/ and test/ class folders")
     parser.add_argument("--weights", required=True, help="the backbone's no-top weights file")
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--modes", default="squash,crop,pad")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="/tmp/h19/pad", help="where feat_<mode>.npz are kept")
+    parser.add_argument("--cache-dir", default=cache_dir, help=cache_help)
+    return parser
+
+
+def main() -> None:
+    parser = proxy_arguments(__doc__.splitlines()[0], "/tmp/h19/pad", "where feat_<mode>.npz are kept")
+    parser.add_argument("--modes", default="squash,crop,pad")
     args = parser.parse_args()
 
     data = Path(args.data)
