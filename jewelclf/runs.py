@@ -257,6 +257,20 @@ class RunModel:
                 "resize": self.resize, "top_k": self.k, "run_dir": str(self.run_dir.resolve()),
                 "backbone": self.config.model.backbone, **self.limits}
 
+    def training_source(self, fix: str):
+        """The data source the run trained on, read again from where ``run_info.json`` says;
+        a one-line error ending in ``fix`` when it names none or it cannot be read."""
+        from jewelclf.data.sources import load_source
+
+        # data_path is absolute (fit's "data" may be relative to the folder fit ran in)
+        spec = self.info.get("data_path") or self.info.get("data")
+        if not spec:
+            raise JewelclfError(f"'{self.run_dir / RUN_INFO}' does not name the training data; {fix}")
+        try:
+            return load_source(spec)
+        except JewelclfError as e:
+            raise JewelclfError(f"the run's data '{spec}' cannot be read ({e}); {fix}") from None
+
     @property
     def limits(self) -> dict[str, int]:
         """The run's data limits, which the serving graphs and ``predict`` apply to each image."""

@@ -201,6 +201,13 @@ def batched(ds: tf.data.Dataset, num_classes: int, batch_size: int) -> tf.data.D
     return ds.prefetch(AUTOTUNE)
 
 
+def evaluation_batches(source: DataSource, records: list[Record], cfg: DataConfig,
+                       num_classes: int) -> tf.data.Dataset:
+    """``records`` decoded without augmentation at ``data.image_size``, in their order, in
+    batches of ``data.batch_size``: what the model is scored, calibrated and embedded on."""
+    return batched(decoded_dataset(source, records, cfg, cfg.image_size), num_classes, cfg.batch_size)
+
+
 def global_batch_size(config: Config, replicas: int) -> int:
     """The batch the input pipelines make: ``data.batch_size`` is per replica, and a
     tf.distribute strategy splits each global batch among its ``replicas``."""

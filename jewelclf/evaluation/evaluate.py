@@ -89,15 +89,12 @@ def labels_of(records, class_names: list[str]) -> np.ndarray:
 
 def predict_records(model, source, records, class_names: list[str], config) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` over ``records`` (no augmentation); return true indices and probabilities."""
-    from jewelclf.data.pipeline import batched, decoded_dataset
+    from jewelclf.data.pipeline import evaluation_batches
 
     y_true = labels_of(records, class_names)
     if not records:  # never run the model on zero rows
         return y_true, np.zeros((0, len(class_names)), np.float32)
-    size = config.data.image_size
-    ds = decoded_dataset(source, records, config.data, size)
-    ds = batched(ds, len(class_names), config.data.batch_size)
-    probs = model.predict(ds, verbose=0)
+    probs = model.predict(evaluation_batches(source, records, config.data, len(class_names)), verbose=0)
     return y_true, probs
 
 

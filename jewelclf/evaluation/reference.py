@@ -75,13 +75,12 @@ def from_features(train_features: np.ndarray, val_features: np.ndarray) -> Unkno
 def model_features(model, source, records, config) -> tuple[np.ndarray, np.ndarray]:
     """The probabilities and pooled backbone features of ``records``, decoded as ``evaluate``
     decodes them, in one pass of ``model``."""
-    from jewelclf.data.pipeline import batched, decoded_dataset
+    from jewelclf.data.pipeline import evaluation_batches
     from jewelclf.modeling.classifier import with_features
 
     if not records:  # never run the model on zero rows
         return np.zeros((0, len(source.class_names)), np.float32), np.zeros((0, 0), np.float32)
-    ds = decoded_dataset(source, records, config.data, config.data.image_size)
-    ds = batched(ds, len(source.class_names), config.data.batch_size)
+    ds = evaluation_batches(source, records, config.data, len(source.class_names))
     out = with_features(model).predict(ds, verbose=0)
     return np.asarray(out["probabilities"]), np.asarray(out["features"], np.float32)
 
@@ -125,27 +124,13 @@ def split_rows(run_dir: Path, needed_for: str) -> dict[str, str]:
     return rows
 
 
-def run_data(run, needed_for: str):
-    """The data source the run trained on, read again from where ``run_info.json`` says."""
-    from jewelclf.data.sources import load_source
-
-    spec = run.info.get("data_path") or run.info.get("data")
-    if not spec:
-        raise JewelclfError(f"'{run.run_dir}' does not record the data it trained on, which "
-                            f"{needed_for} needs; fit the run again")
-    try:
-        return load_source(spec)
-    except JewelclfError as e:
-        raise JewelclfError(f"{needed_for} needs the images the run in '{run.run_dir}' trained "
-                            f"on ('{spec}'): {e}") from None
-
-
 def train_and_val(run, needed_for: str, data_source=None):
     """The run's data source and its train and val records (from ``data_source`` when it is the
     run's data, else from the data the run trained on); one-line errors when missing."""
     run_dir = Path(run.run_dir)
     rows = split_rows(run_dir, needed_for)
-    source = data_source if data_source is not None else run_data(run, needed_for)
+    source = data_source if data_source is not None else run.training_source(
+        f"{needed_for} needs the images the run trained on: restore them, or fit the run again")
     source.class_names = list(run.class_names)
     known = set(run.class_names)
     by_key = {r.key: r for r in source.records if r.label in known}
@@ -169,9 +154,8 @@ def ensure(run, log=print, data_source=None) -> UnknownReference:
     source, train, val = train_and_val(run, "the unknown score", data_source)
     log(f"'{run.run_dir}' has no {UNKNOWN_REFERENCE} (trained before jewelclf kept one): "
         f"embedding its {len(train)} train and {len(val)} val images once...")
-    _, train_features = model_features(run.model, source, train, run.config)
-    _, val_features = model_features(run.model, source, val, run.config)
-    built = from_features(train_features, val_features)
+    _, features = model_features(run.model, source, train + val, run.config)  # one pass
+    built = from_features(features[:len(train)], features[len(train):])
     write(path, built)
     log(built.describe_line())
     return built

@@ -148,7 +148,7 @@ def _compare_signature(name: str, out: dict[str, Any], ref: dict[str, np.ndarray
     n = len(want)
     ref_top1 = want.argmax(axis=1)
     probs = np.asarray(out["probabilities"], np.float32).reshape(want.shape)
-    diff = float(np.abs(probs - want).max()) if probs.size else 0.0
+    diff = _max_diff(probs, want)
     agree = int((probs.argmax(axis=1) == ref_top1).sum())
     names_ok = all(row[0] == class_names[t] for row, t in zip(out["classes"], ref_top1))
     scores_ok = bool(np.allclose(np.asarray(out["scores"], np.float32)[:, 0], want.max(axis=1),

@@ -73,16 +73,7 @@ def run_images(run: RunModel, splits: Iterable[str], n: int, data_spec: str | No
         source = load_source(data_spec)
         candidates = [r for r in source.records if r.label in run.class_names]
     else:
-        # data_path is absolute (fit's "data" may be relative to the folder fit ran in)
-        spec = run.info.get("data_path") or run.info.get("data")
-        if not spec:
-            raise JewelclfError(f"'{run.run_dir}/run_info.json' does not name the training data; "
-                                f"pass --parity-data DATA")
-        try:
-            source = load_source(spec)
-        except JewelclfError as e:
-            raise JewelclfError(f"the run's data '{spec}' cannot be read ({e}); pass "
-                                f"--parity-data DATA with a few labelled images") from None
+        source = run.training_source("pass --parity-data DATA with a few labelled images")
         by_key = {r.key: r for r in source.records}
         rows = read_splits(run.run_dir)
         candidates = []

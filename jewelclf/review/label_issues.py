@@ -194,18 +194,16 @@ def _kept_features(path: Path) -> dict[str, np.ndarray] | None:
 def _computed_features(config, source, records: list, class_names: list[str]) -> np.ndarray:
     import keras
 
-    from jewelclf.data.pipeline import batched, decoded_dataset
+    from jewelclf.data.pipeline import evaluation_batches
     from jewelclf.modeling.classifier import build_classifier, check_weights
     from jewelclf.training.features import frozen_features
 
     check_weights(config)
     keras.utils.set_random_seed(config.train.seed)  # the init of a weights: none backbone
     model = build_classifier(config, len(class_names))
-    size = config.data.image_size
 
     def ds(recs):
-        return batched(decoded_dataset(source, recs, config.data, size), len(class_names),
-                       config.data.batch_size)
+        return evaluation_batches(source, recs, config.data, len(class_names))
 
     train = [r for r in records if r.split == "train"]
     val = [r for r in records if r.split != "train"]
