@@ -107,6 +107,17 @@ class Stage2Config:
     patience: int = 3
     reduce_lr_factor: float = 0.3
     reduce_lr_patience: int = 1
+    cache_activations: str = "auto"
+    """Train each unfreezing step on activations cached at its frozen boundary (the input of the
+    lowest unfrozen block): ``views`` augmented views of the training images, one pass of the
+    frozen layers each, instead of a pass through the whole backbone every epoch. ``auto``: on
+    when the boundary is one tensor, the views fit ``data.cache_memory_limit_mb`` and one
+    replica trains (``train.distribute`` on one device); a step that unfreezes every block
+    trains the whole model either way; ``on``
+    refuses a model or a budget where it cannot; ``off``: every epoch through the whole model."""
+    views: int = 1
+    """Augmented views of the training images cached per step; epoch ``e`` trains on view
+    ``e mod views``. One pass of the frozen layers per view."""
 
 
 @dataclass
@@ -164,6 +175,7 @@ _CHOICES = {
     "data.cache": ("auto", "memory", "disk", "none"),
     "train.class_weight": ("auto", "balanced", "none"),
     "train.stage1.cache_features": ("auto", "on", "off"),
+    "train.stage2.cache_activations": ("auto", "on", "off"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.jit_compile": ("auto", "on", "off"),
     "train.distribute": ("none", "mirrored", "multi_worker"),
@@ -328,7 +340,8 @@ def validate(config: Config) -> Config:
                 f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}"
             )
     positive = ["data.batch_size", "data.max_pixels", "data.check_workers",
-                "train.stage1.learning_rate", "train.stage2.learning_rate", "train.top_k"]
+                "train.stage1.learning_rate", "train.stage2.learning_rate", "train.top_k",
+                "train.stage2.views"]
     non_negative = ["train.stage1.epochs", "train.stage2.epochs", "train.stage2.unfreeze_blocks",
                     "train.stage1.patience", "train.stage2.patience", "model.head_units",
                     "data.min_image_side", "train.stage2.reduce_lr_patience"]

@@ -155,7 +155,17 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     Keras overwrites the checkpoint in place, so a full disk during the save of a new best
     destroys the previous best. Here the new file is written beside it and renamed over it; a
     full disk raises :class:`jewelclf.fsio.DiskFullError` and keeps the previous best intact.
+    ``saves``: the model whose weights are saved when it is not the one being fitted (a cached
+    stage-2 step fits the classifier's top, which shares its layers; the checkpoint is the
+    whole classifier's).
     """
+
+    def __init__(self, *args, saves: keras.Model | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saves = saves
+
+    def set_model(self, model):
+        super().set_model(self.saves if self.saves is not None else model)
 
     def _save_model(self, epoch, batch, logs):
         filepath = self._get_file_path(epoch, batch, logs)

@@ -29,6 +29,7 @@ from jewelclf.data.pipeline import global_batch_size, permuted, shard_by_data
 from jewelclf.data.prepare import Datasets
 from jewelclf.modeling.backbones import get_backbone
 from jewelclf.modeling.classifier import HEAD, unfreeze_top_blocks, without_augmentation
+from jewelclf.training.cached_step import cached_step, step_uses_cache
 from jewelclf.training.callbacks import EpochNumber, HistoryRecorder
 from jewelclf.training.checkpoints import AtomicModelCheckpoint, Progress
 from jewelclf.training.features import frozen_features, stage1_uses_cached_features
@@ -206,7 +207,8 @@ def _restored(row: dict[str, str] | None) -> dict[str, Any]:
 
 def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: dict | None,
                  run_dir: Path, epoch_offset: int, log: Log,
-                 progress: Progress | None = None, epoch: tf.Variable | None = None) -> dict[str, Any]:
+                 progress: Progress | None = None, epoch: tf.Variable | None = None,
+                 train_in_order=None, labels: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Progressive unfreezing of the backbone's top blocks, one more per step.
 
     Each step starts from the best weights so far (by val_loss), recompiles (a new optimizer
@@ -216,7 +218,9 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
     a step that does not improve on the best. The best weights are restored at the end, and the
     summary gives the figures of that epoch. With ``progress``, finished steps are skipped and an
     interrupted step resumes from its last epoch, optimizer state included. ``epoch``: the
-    variable ``train_ds`` is permuted by (:class:`EpochNumber`).
+    variable ``train_ds`` is permuted by (:class:`EpochNumber`). With ``train_in_order`` and
+    ``labels`` (as in :class:`Datasets`), a step may train on activations cached at its frozen
+    boundary (``train.stage2.cache_activations``, :mod:`jewelclf.training.cached_step`).
     """
     cfg = config.train.stage2
     spec = get_backbone(config.model.backbone)
@@ -230,7 +234,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
                            cfg.reduce_lr_patience, cfg.reduce_lr_factor, cfg.learning_rate)
     plateau.replay(_phase_rows(run_dir / rd.HISTORY, "stage2."))  # a resumed run's earlier epochs
     per_step = [cfg.epochs // steps + (1 if i < cfg.epochs % steps else 0) for i in range(steps)]
-    done = 0
+    done = cached_steps = 0
     unfrozen: list[str] = []
     for step, n_epochs in enumerate(per_step, start=1):
         if n_epochs == 0:
@@ -248,18 +252,21 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
             run_dir / rd.HISTORY, "stage2.") if r["phase"] != phase])
         _quietly_load(model, best_path)  # the step starts from the best weights so far
         unfrozen = unfreeze_top_blocks(model, spec, step)
-        # Recompile after changing trainability, so the optimizer sees the new variables.
-        _compile(model, plateau.learning_rate, config)
         recorder = HistoryRecorder(run_dir / rd.HISTORY, phase, epoch_offset + done)
         plateau.epoch_offset = epoch_offset + done
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log(f"stage 2 step {step}: unfrozen {', '.join(unfrozen)} ({trainable:,} trainable weights)"
             + (f"; resuming after epoch {recorder.epochs_done}" if recorder.epochs_done else ""))
-        callbacks = _stage2_callbacks(config, model, run_dir, recorder, plateau, best_path, phase,
-                                      epoch_offset + done, log, progress, epoch)
         if not plateau.stopped:  # else this step's epochs before a resume had stopped the stage
-            model.fit(train_ds, validation_data=val_ds, epochs=n_epochs, class_weight=weights,
-                      verbose=_verbose(), shuffle=False, callbacks=callbacks)
+            trainee, train_data, val_data = _step_data(model, config, spec, step, train_ds, val_ds,
+                                                       train_in_order, labels, epoch, log)
+            # Recompile after changing trainability, so the optimizer sees the new variables.
+            _compile(trainee, plateau.learning_rate, config)
+            callbacks = _stage2_callbacks(config, model, run_dir, recorder, plateau, best_path, phase,
+                                          epoch_offset + done, log, progress, epoch)
+            trainee.fit(train_data, validation_data=val_data, epochs=n_epochs, class_weight=weights,
+                        verbose=_verbose(), shuffle=False, callbacks=callbacks)
+            cached_steps += trainee is not model
         done += recorder.epochs_done
         stopped = plateau.stopped or recorder.best_val_loss >= best_before
         if progress is not None:
@@ -276,7 +283,19 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
     log(f"stage 2 (unfreezing): {done} epochs in {seconds:.1f}s; restored the weights of {where}: "
         f"val_loss {restored['best_val_loss']:.4f}, val_accuracy {restored['val_accuracy']:.4f}")
     return {"epochs": done, "seconds": round(seconds, 1), **restored,
-            "unfrozen_blocks": unfrozen, "jit_compile": bool(model.jit_compile)}
+            "unfrozen_blocks": unfrozen, "cached_steps": cached_steps,
+            "jit_compile": bool(model.jit_compile)}
+
+
+def _step_data(model: keras.Model, config: Config, spec, n_blocks: int, train_ds, val_ds, train_in_order,
+               labels: tuple[np.ndarray, np.ndarray] | None, epoch: tf.Variable | None, log: Log):
+    """What a step fits and on what: the top on cached activations where the step may cache
+    them (:func:`step_uses_cache`), else the whole model on ``train_ds``."""
+    if train_in_order is None or labels is None or not step_uses_cache(
+            model, config, spec, n_blocks, len(labels[0]), len(labels[1]), log):
+        return model, train_ds, val_ds
+    step = cached_step(model, config, spec, n_blocks, train_in_order, val_ds, labels, epoch, log)
+    return step.top, step.train, step.val
 
 
 def _stage2_start(model: keras.Model, config: Config, val_ds, best_path: Path, steps: int, log: Log,
@@ -301,9 +320,9 @@ def _stage2_callbacks(config: Config, model: keras.Model, run_dir: Path, recorde
     callbacks = [
         EpochNumber(epoch, epoch_offset),
         recorder,
-        AtomicModelCheckpoint(
+        AtomicModelCheckpoint(  # the whole classifier's weights, whichever model is fitted
             str(best_path), monitor="val_loss", save_best_only=True, save_weights_only=True,
-            initial_value_threshold=plateau.best, verbose=0),
+            initial_value_threshold=plateau.best, verbose=0, saves=model),
         # before the plateau: the learning rate logged is the one the epoch trained with
         *tensorboard_callbacks(config, model, run_dir, "stage2", epoch_offset, log),
         plateau,
@@ -347,7 +366,8 @@ def train_model(model: keras.Model, config: Config, ds: Datasets, work_dir: Path
                           ds.class_weights, work_dir, log, features=ds.features, progress=progress,
                           epoch=ds.epoch)
         s2 = train_stage2(model, config, ds.train, ds.val, ds.class_weights, work_dir,
-                          s1.get("epochs", 0), log, progress=progress, epoch=ds.epoch)
+                          s1.get("epochs", 0), log, progress=progress, epoch=ds.epoch,
+                          train_in_order=ds.train_in_order, labels=ds.labels)
     augmented = stages_augmented(config, s1, s2)
     if config.augment.enabled and not any(augmented.values()):
         log("note: no augmentation ran: stage 1 trained on cached features and stage 2 trained "
