@@ -17,6 +17,7 @@ from jewelclf.cli_options import (
     overrides,
     refuse_with_resume,
     start,
+    tta_option,
 )
 from jewelclf.errors import JewelclfError
 
@@ -92,16 +93,17 @@ def fit(data, run_dir, config_file, overwrite, resume, verbose, **flags):
 @click.option("--unknown", type=click.Path(path_type=Path),
               help="A folder of photos of classes the run was never trained on (any layout): "
                    "report how well k-NN distance to the training images flags them.")
+@tta_option("Test-time augmentation: score the probabilities averaged over each image and its "
+            "horizontal flip (two passes per image); metrics.json records tta.")
 @VERBOSE
 @handle_errors
-def evaluate(run_dir, data, output, split, unknown, verbose):
+def evaluate(run_dir, data, output, split, unknown, tta, verbose):
     """Evaluate the model of RUN_DIR on DATA: per-class metrics and a confusion matrix."""
     start(verbose, data, run_dir)
-    from jewelclf.evaluation.evaluate import evaluate_run
-    from jewelclf.evaluation.metrics import format_report
+    from jewelclf.evaluation.evaluate import evaluate_run, format_summary
 
-    metrics, out_dir = evaluate_run(run_dir, data, output, split, unknown)
-    click.echo(format_report(metrics))
+    metrics, out_dir = evaluate_run(run_dir, data, output, split, unknown, tta)
+    click.echo(format_summary(metrics))
     if metrics.get("rejected_files"):
         click.echo(f"{metrics['rejected_files']} unreadable file(s) left out: {out_dir / 'rejected_files.csv'}")
     click.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'confusion_matrix.png'}")
@@ -133,17 +135,20 @@ def evaluate(run_dir, data, output, split, unknown, verbose):
               help="The calibrated confidence below which needs_review is true (default: the "
                    "run's, chosen on val for train.target_accuracy); 0 turns the confidence part off.")
 @click.option("--overwrite", is_flag=True, help="tflite/keras: replace files already in --output.")
+@tta_option("savedmodel/tflite: bake test-time augmentation into the classifying answer, the "
+            "probabilities averaged over each image and its horizontal flip (two passes per "
+            "image); embed is unchanged.")
 @VERBOSE
 @handle_errors
 def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embed_layer,
-           review_threshold, overwrite, verbose):
+           review_threshold, overwrite, tta, verbose):
     """Export the model of RUN_DIR: a TensorFlow Serving SavedModel (image bytes in, class names
     out), TFLite files, or a .keras copy. The export is checked against the Keras model."""
     start(verbose, run_dir=run_dir)
     from jewelclf.export.run import export_run, format_export_summary
 
     report = export_run(run_dir, fmt, output, version, quantize, test_data, parity_data, overwrite,
-                        log=click.echo, embed_layer=embed_layer, review_threshold=review_threshold)
+                        log=click.echo, embed_layer=embed_layer, review_threshold=review_threshold, tta=tta)
     click.echo(format_export_summary(report))
 
 
@@ -157,9 +162,11 @@ def export(run_dir, fmt, output, version, quantize, test_data, parity_data, embe
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per request.")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="With --server: seconds for each whole request, connect to last byte.")
+@tta_option("A .keras model or run dir: average the probabilities over each image and its "
+            "horizontal flip (two passes per image); an export answers as exported (export --tta).")
 @VERBOSE
 @handle_errors
-def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout, verbose):
+def predict(paths, top_k, as_json, server, server_model, version, batch_size, timeout, tta, verbose):
     """Predict classes of images or folders of images with MODEL (an exported SavedModel, a
     .keras or .tflite file, or a run dir), or with --server URL --model NAME through TF Serving."""
     import json as json_mod
@@ -173,7 +180,7 @@ def predict(paths, top_k, as_json, server, server_model, version, batch_size, ti
             raise JewelclfError(f"model '{model}' does not exist; pass an exported SavedModel "
                                 f"folder, a .keras or .tflite file, or a run dir")
         start(verbose)
-    results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout)
+    results, _ = run_predict(model, images, top_k, server, server_model, version, batch_size, timeout, tta)
     for r in results:
         if r.error is not None:
             click.echo(f"skipped {quote_name(r.image)}: {r.error}", err=True)

@@ -44,6 +44,11 @@ VERBOSE = click.option("--verbose", is_flag=True,
                        help="Also show TensorFlow's own start-up and C++ log lines.")
 
 
+def tta_option(help_text: str):
+    """``--tta``: test-time augmentation over a horizontal flip (``flip``; ``none`` without it)."""
+    return click.option("--tta", "tta", flag_value="flip", default="none", show_default=False, help=help_text)
+
+
 def start(verbose: bool, data: str | None = None, run_dir: Path | None = None) -> None:
     """The cheap checks of a command's arguments, then TensorFlow's import (quiet unless
     ``verbose``): a typo'd path costs milliseconds, not the import."""

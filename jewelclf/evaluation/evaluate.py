@@ -98,6 +98,43 @@ def predict_records(model, source, records, class_names: list[str], config) -> t
     return y_true, probs
 
 
+def tta_predictions(model, source, records, class_names: list[str], config, tta: str,
+                    features: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """True indices, raw probabilities and (with ``features``) pooled features of ``records``,
+    in one pass; ``tta="flip"`` averages the probabilities over a horizontal flip
+    (:func:`jewelclf.modeling.tta.flip_tta`; its features are the unflipped pixels', which the
+    run's unknown reference was built from). ``tta="none"`` is the plain pass of before."""
+    from jewelclf.data.pipeline import evaluation_batches
+    from jewelclf.modeling.tta import NONE, scoring_model
+
+    if tta == NONE and features:
+        return labels_of(records, class_names), *reference_mod.model_features(model, source, records, config)
+    if tta == NONE:
+        return *predict_records(model, source, records, class_names, config), None
+    y_true = labels_of(records, class_names)
+    if not records:  # never run the model on zero rows
+        return y_true, np.zeros((0, len(class_names)), np.float32), None
+    out = scoring_model(model, tta, with_features=features).predict(
+        evaluation_batches(source, records, config.data, len(class_names)), verbose=0)
+    if not features:
+        return y_true, np.asarray(out), None
+    return y_true, np.asarray(out["probabilities"]), np.asarray(out["features"], np.float32)
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """``evaluate``'s printed report (:func:`jewelclf.evaluation.metrics.format_report`), with
+    the test-time augmentation the probabilities were scored with, when there was one."""
+    from jewelclf.evaluation.metrics import format_report
+    from jewelclf.modeling.tta import NONE, VIEWS
+
+    text = format_report(metrics)
+    tta = metrics.get("tta", NONE)
+    if tta == NONE:
+        return text
+    return (f"{text}\ntest-time augmentation: {tta} (probabilities averaged over {VIEWS[tta]} passes "
+            f"per image, then calibrated with the run's temperature)")
+
+
 def prediction_rows(records, y_true, probs, class_names) -> list[dict[str, Any]]:
     pred = probs.argmax(axis=1)
     return [{"path": r.key, "label": r.label, "predicted": class_names[p],
@@ -223,7 +260,8 @@ def default_output(run_dir: Path, data_spec: str, split: str) -> Path:
 
 
 def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
-                 split: str | None = None, unknown: Path | None = None) -> tuple[dict[str, Any], Path]:
+                 split: str | None = None, unknown: Path | None = None,
+                 tta: str = "none") -> tuple[dict[str, Any], Path]:
     """Evaluate a finished run's model on ``data_spec``; write the report; return it and its folder.
 
     The data's classes must be among the run's classes. Which images are scored is
@@ -234,14 +272,18 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
     written are calibrated with the run's temperature (:func:`score`); a run without a
     calibration file is scored as it is, and the report says so. ``unknown``: a folder of photos
     of untrained classes, scored against the known images under ``metrics["unknown"]``
-    (:mod:`jewelclf.evaluation.unknown_eval`).
+    (:mod:`jewelclf.evaluation.unknown_eval`). ``tta="flip"`` scores the probabilities averaged
+    over a horizontal flip (:func:`tta_predictions`), calibrated, scored and written like the
+    plain ones; ``metrics.json`` records ``tta``.
     """
     from jewelclf.data.pipeline import tfds_bytes
     from jewelclf.data.sources import load_source
     from jewelclf.data.validate import check_records, write_rejected
     from jewelclf.evaluation.plots import confusion_title
+    from jewelclf.modeling.tta import check_mode
     from jewelclf.runs import load_run
 
+    check_mode(tta)
     run_dir = Path(run_dir)
     # The model is loaded before DATA is read: a corrupt model must not cost a pass over every image.
     run = load_run(run_dir, instead="evaluate another run")
@@ -271,12 +313,10 @@ def evaluate_run(run_dir: Path, data_spec: str, output: Path | None = None,
         raise JewelclfError(f"no readable images in '{data_spec}'; see {out_dir / 'rejected_files.csv'}")
     if plan is not None:
         plan.check_photos(config.data, out_dir)
-    if plan is not None:  # the pooled features too, in the same pass
-        y_true = labels_of(records, class_names)
-        raw, features = reference_mod.model_features(model, source, records, config)
-    else:
-        y_true, raw = predict_records(model, source, records, class_names, config)
+    # with --unknown, the pooled features too, in the same pass
+    y_true, raw, features = tta_predictions(model, source, records, class_names, config, tta, plan is not None)
     metrics, probs = score(y_true, raw, class_names, config.train.top_k, calibration)
+    metrics["tta"] = tta
     if calibration is None:
         metrics["calibration_note"] = calibration_mod.MISSING_NOTE.format(run=run_dir)
     metrics["data"] = data_spec

@@ -98,13 +98,14 @@ def compare_parity(run: RunModel, images: list[LabelledImage], child: dict[str, 
     pixels; ``serving_pixels`` gets the fully decoded images and is held to the Keras model on
     those pixels resized as training resizes (:func:`keras_pixels_from_decoded`). Both are held
     to ``policy``'s answer (:class:`jewelclf.inference.policy.ReviewPolicy`): calibrated
-    probabilities, confidence, unknown score and needs-review.
+    probabilities, confidence, unknown score and needs-review, with its test-time augmentation
+    (``policy.tta``: the Keras answer comes from the same :mod:`jewelclf.modeling.tta` model).
     """
     encoded = [im.data for im in images]
     keras_answer = policy.answer(*keras_probabilities_and_features(
-        run.model, keras_pixels(encoded, run.image_size, run.resize)))
+        run.model, keras_pixels(encoded, run.image_size, run.resize), tta=policy.tta))
     pixels_answer = policy.answer(*keras_probabilities_and_features(
-        run.model, keras_pixels_from_decoded(encoded, run.image_size, run.resize)))
+        run.model, keras_pixels_from_decoded(encoded, run.image_size, run.resize), tta=policy.tta))
     candidates = {
         SERVING_DEFAULT: (child["serving_default"], keras_answer),
         SERVING_PIXELS: ({key: [row[key][0] for row in child["serving_pixels"]] for key in OUTPUT_KEYS
@@ -221,12 +222,15 @@ def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == y).mean()) if len(y) else 0.0
 
 
-def keras_test_probabilities(run: RunModel, encoded: list[bytes], batch_size: int = 32) -> np.ndarray:
+def keras_test_probabilities(run: RunModel, encoded: list[bytes], batch_size: int = 32,
+                             tta: str = "none") -> np.ndarray:
     """The Keras model's calibrated probabilities (the run's temperature) on encoded images,
-    decoded as training does, in batches: what an export answers."""
+    decoded as training does, in batches: what an export answers (with its ``tta``)."""
     from jewelclf.evaluation.calibration import scale
+    from jewelclf.modeling.tta import with_tta
 
-    chunks = [keras_probabilities(run.model, keras_pixels(encoded[i:i + batch_size], run.image_size, run.resize))
+    model = with_tta(run.model, tta)
+    chunks = [keras_probabilities(model, keras_pixels(encoded[i:i + batch_size], run.image_size, run.resize))
               for i in range(0, len(encoded), batch_size)]
     raw = np.concatenate(chunks) if chunks else np.zeros((0, len(run.class_names)), np.float32)
     return np.asarray(scale(raw, run.temperature), np.float32)
@@ -243,11 +247,12 @@ def savedmodel_probabilities(saved_model: Path, encoded: list[bytes], batch_size
 
 
 def compare_accuracy(run: RunModel, spec: str, export_probs: Callable[[list[bytes]], np.ndarray],
-                     name: str, log: Log) -> dict[str, Any]:
-    """Accuracy of the Keras model and of the export (``export_probs``) on the labelled ``spec``."""
+                     name: str, log: Log, tta: str = "none") -> dict[str, Any]:
+    """Accuracy of the Keras model (with the export's ``tta``) and of the export
+    (``export_probs``) on the labelled ``spec``."""
     _, encoded, y, rejected = labelled_test_images(spec, run.class_names, run.config.data)
     log(f"accuracy check on {len(encoded)} images of '{spec}'...")
-    kp = keras_test_probabilities(run, encoded)
+    kp = keras_test_probabilities(run, encoded, tta=tta)
     ep = export_probs(encoded)
     return {"data": spec, "num_examples": len(y), "rejected_files": rejected,
             "keras_accuracy": accuracy(y, kp), f"{name}_accuracy": accuracy(y, ep),

@@ -14,17 +14,21 @@ from jewelclf.export.keras_file import export_keras
 from jewelclf.export.layout import FORMATS, REPORT, SERVING_EMBED, Log
 from jewelclf.export.savedmodel import export_savedmodel
 from jewelclf.export.tflite import export_tflite
+from jewelclf.modeling.tta import NONE as TTA_NONE
+from jewelclf.modeling.tta import VIEWS, check_mode
 from jewelclf.runs import DEFAULT_EMBED_LAYER
 
 
 def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = None,
                version: int | None = None, quantize: Iterable[str] = (), test_data: str | None = None,
                parity_data: str | None = None, overwrite: bool = False, log: Log = print,
-               embed_layer: str = DEFAULT_EMBED_LAYER, review_threshold: float | None = None) -> dict[str, Any]:
+               embed_layer: str = DEFAULT_EMBED_LAYER, review_threshold: float | None = None,
+               tta: str = TTA_NONE) -> dict[str, Any]:
     """Export ``run_dir`` in ``fmt``; the one entry point of ``jewelclf export``.
 
     ``embed_layer`` (SavedModel only) picks the embedding of the ``embed`` signature;
-    ``review_threshold`` overrides the run's threshold of ``needs_review``."""
+    ``review_threshold`` overrides the run's threshold of ``needs_review``; ``tta="flip"``
+    (SavedModel and TFLite) bakes the horizontal-flip average into the classifying answer."""
     quantize = list(quantize)
     if fmt not in FORMATS:
         raise JewelclfError(f"unknown --format '{fmt}'; one of {', '.join(FORMATS)}")
@@ -34,15 +38,20 @@ def export_run(run_dir: Path, fmt: str = "savedmodel", output: Path | None = Non
         raise JewelclfError("--quantize applies to --format tflite only")
     if fmt != "savedmodel" and embed_layer != DEFAULT_EMBED_LAYER:
         raise JewelclfError("--embed-layer applies to --format savedmodel only")
+    check_mode(tta)
+    if fmt == "keras" and tta != TTA_NONE:
+        raise JewelclfError("--tta applies to --format savedmodel and tflite only: the keras format "
+                            "is a copy of the run's model.keras as trained; use --format savedmodel "
+                            "--tta, or drop --tta")
     if fmt == "savedmodel":
         if overwrite:
             raise JewelclfError("SavedModel versions are never overwritten; omit --overwrite "
                                 "(the next version number is used)")
         return export_savedmodel(run_dir, output, version, test_data, parity_data, log, embed_layer,
-                                 review_threshold)
+                                 review_threshold, tta)
     if fmt == "tflite":
         return export_tflite(run_dir, output, quantize or ["none"], test_data, parity_data, overwrite, log,
-                             review_threshold)
+                             review_threshold, tta)
     if test_data:
         raise JewelclfError("--test-data applies to --format savedmodel and tflite")
     return export_keras(run_dir, output, parity_data, overwrite, log, review_threshold)
@@ -57,6 +66,15 @@ def review_line(report: dict[str, Any]) -> str:
     if unknown and unknown.get("threshold") is not None:
         parts.append(f"or unknown_score above {unknown['threshold']:.4f} ({unknown['threshold_rule']})")
     return "needs_review: " + ", ".join(parts)
+
+
+def tta_line(report: dict[str, Any]) -> str | None:
+    """What the classifying answer averages over, when the export has test-time augmentation."""
+    tta = report.get("tta", TTA_NONE)
+    if tta == TTA_NONE:
+        return None
+    return (f"test-time augmentation: {tta} (probabilities averaged over {VIEWS[tta]} passes per "
+            f"image, then calibrated{'; embed unchanged' if report['format'] == 'savedmodel' else ''})")
 
 
 def format_export_summary(report: dict[str, Any]) -> str:
@@ -75,6 +93,7 @@ def format_export_summary(report: dict[str, Any]) -> str:
             lines.append(f"  {name}: top-1 agrees with Keras on {s['top1_agree']}/{s['images']} images, "
                          f"max |diff| {s['max_abs_diff']:.2e} (fresh process, tolerance {p['tolerance']:g})")
         lines.append("  " + review_line(report))
+        lines += ["  " + line for line in [tta_line(report)] if line]
         acc = report.get("test_accuracy")
         if acc:
             lines.append(f"  accuracy on {acc['data']} ({acc['num_examples']} images): SavedModel "
@@ -89,6 +108,7 @@ def format_export_summary(report: dict[str, Any]) -> str:
             lines.append(f"  keras    {report['keras_size_bytes'] / 2**20:9.3f} MB  test accuracy "
                          f"{report['keras_test_accuracy']:.4f}")
         lines.append("  " + review_line(report))
+        lines += ["  " + line for line in [tta_line(report)] if line]
         lines.append(f"  report: {Path(report['path']) / REPORT}")
     else:
         lines.append(f"exported {report['path']} (reload max |diff| {report['reload_max_abs_diff']:.2e})")

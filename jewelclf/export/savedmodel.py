@@ -78,12 +78,16 @@ from jewelclf.export.samples import run_images
 from jewelclf.export.serving import build_archive, check_signature_contract, embedding_info
 from jewelclf.export.staging import Staging, cleanup_stale, rename_noreplace
 from jewelclf.inference.policy import ReviewPolicy, check_review_threshold, for_run
+from jewelclf.modeling.tta import NONE as TTA_NONE
+from jewelclf.modeling.tta import check_mode
 from jewelclf.runs import DEFAULT_EMBED_LAYER, RunModel, load_run, timestamp
 
 
 def write_savedmodel(run: RunModel, path: Path, policy: ReviewPolicy) -> None:
-    """Write the SavedModel of ``run`` answering by ``policy`` into ``path`` (a new folder)."""
-    build_archive(run, policy.reference, policy.review_threshold).write_out(str(path), verbose=False)
+    """Write the SavedModel of ``run`` answering by ``policy`` (its test-time augmentation
+    included) into ``path`` (a new folder)."""
+    build_archive(run, policy.reference, policy.review_threshold, policy.tta).write_out(
+        str(path), verbose=False)
     extra = Path(path) / "assets.extra"
     extra.mkdir(exist_ok=True)
     (extra / INFO).write_text(json.dumps({
@@ -187,7 +191,7 @@ def _write_and_check(run: RunModel, policy: ReviewPolicy, staging: Staging, imag
         "environment": rd.environment()}
     if parity["passed"] and test_data:
         report["test_accuracy"] = compare_accuracy(
-            run, test_data, lambda enc: savedmodel_probabilities(tmp, enc), "savedmodel", log)
+            run, test_data, lambda enc: savedmodel_probabilities(tmp, enc), "savedmodel", log, policy.tta)
         acc = report["test_accuracy"]
         if acc["keras_accuracy"] != acc["savedmodel_accuracy"]:
             parity["passed"] = False
@@ -210,18 +214,21 @@ def _disk_full_error(base: Path, version: int, existing: list[int]) -> fsio.Disk
 def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | None = None,
                       test_data: str | None = None, parity_data: str | None = None,
                       log: Log = print, embed_layer: str = DEFAULT_EMBED_LAYER,
-                      review_threshold: float | None = None) -> dict[str, Any]:
+                      review_threshold: float | None = None, tta: str = TTA_NONE) -> dict[str, Any]:
     """Export ``run_dir`` as version ``version`` (default: the next) under ``output``.
 
     ``embed_layer`` is the embedding of the ``embed`` signature (``pool`` or ``hidden``, as
     ``jewelclf index --layer``); ``review_threshold`` overrides the run's review threshold
-    (:func:`jewelclf.inference.policy.for_run`). Returns the export report, also written as
-    ``<output>/<version>/export_report.json``.
+    (:func:`jewelclf.inference.policy.for_run`); ``tta="flip"`` bakes the horizontal-flip
+    average into ``serving_default`` and ``serving_pixels`` (:mod:`jewelclf.modeling.tta`), and
+    the parity check holds them to the Keras model averaged the same way. Returns the export
+    report, also written as ``<output>/<version>/export_report.json``.
     """
     from jewelclf.modeling.embedding import embedding_dim
 
     require_tensorflow_backend()
     check_review_threshold(review_threshold)
+    check_mode(tta)  # before the run is loaded: a typo costs no model load
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     run.embed_layer = embed_layer
@@ -229,7 +236,7 @@ def export_savedmodel(run_dir: Path, output: Path | None = None, version: int | 
     base = Path(output) if output is not None else default_output(run_dir, "savedmodel")
     existing, version, final = _version_folder(base, version)
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
-    policy = for_run(run, review_threshold, log)
+    policy = for_run(run, review_threshold, log, tta=tta)
     base.mkdir(parents=True, exist_ok=True)
     staging = Staging(base)  # locked and kept fresh: no cleanup on any host removes it
     cleanup_stale_temp(base, log, now=staging.now(), keep=staging.path)

@@ -133,9 +133,13 @@ def run_on_valid_rows(fn: Callable, x, valid, dim: int):
     return out
 
 
-def classifier(run: RunModel, reference, review_threshold: float | None) -> Callable:
+def classifier(run: RunModel, reference, review_threshold: float | None, tta: str = "none") -> Callable:
     """``classify(pixels, valid)``: the classifying signatures' outputs for uint8 ``pixels``
     ``[n, S, S, 3]`` (rows where ``valid`` is false are never run, and answer zeros).
+
+    ``tta="flip"`` answers the probabilities averaged over a horizontal flip, then calibrated
+    (:func:`jewelclf.modeling.tta.flip_tta`: two passes of the network per image); the unknown
+    score stays on the unflipped pixels' features.
 
     ``reference`` (:class:`jewelclf.evaluation.reference.UnknownReference`) gives
     ``unknown_score`` and its threshold; ``review_threshold`` is the calibrated confidence
@@ -144,11 +148,11 @@ def classifier(run: RunModel, reference, review_threshold: float | None) -> Call
     """
     import tensorflow as tf
 
-    from jewelclf.modeling.classifier import with_features
     from jewelclf.modeling.confidence import NearestDistance, TemperatureScaling
+    from jewelclf.modeling.tta import scoring_model
 
     names, k = list(run.class_names), run.k
-    both = with_features(run.model)  # probabilities and pooled features in one pass
+    both = scoring_model(run.model, tta, with_features=True)  # probabilities and pooled features
     n, dim = len(names), int(both.output["features"].shape[-1])
     scaling = TemperatureScaling(run.temperature, name="calibration")
     nearest = NearestDistance(reference.train, name="unknown_reference")
@@ -180,9 +184,11 @@ def classifier(run: RunModel, reference, review_threshold: float | None) -> Call
     return classify
 
 
-def build_archive(run: RunModel, reference, review_threshold: float | None):
+def build_archive(run: RunModel, reference, review_threshold: float | None, tta: str = "none"):
     """The ExportArchive with the three signatures (not yet written); ``reference`` and
-    ``review_threshold`` decide ``unknown_score`` and ``needs_review`` (:func:`classifier`)."""
+    ``review_threshold`` decide ``unknown_score`` and ``needs_review``, ``tta`` the classifying
+    signatures' test-time augmentation (:func:`classifier`). ``embed`` never has any: its
+    vectors must match an index built with ``jewelclf index``."""
     import keras
     import tensorflow as tf
 
@@ -191,7 +197,7 @@ def build_archive(run: RunModel, reference, review_threshold: float | None):
     model, size, resize = run.model, run.image_size, run.resize
     embedder = run.embedder()  # shares model's layers and variables: nothing more to track
     embed_dim = int(embedder.output.shape[-1])
-    classify = classifier(run, reference, review_threshold)
+    classify = classifier(run, reference, review_threshold, tta)
 
     def decode(images):
         # The header's size first: a 875 KB PNG can claim 15000x15000 (900 MB decoded).

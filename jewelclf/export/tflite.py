@@ -32,6 +32,8 @@ from jewelclf.export.parity import accuracy, keras_test_probabilities
 from jewelclf.export.samples import labelled_test_images, run_images
 from jewelclf.inference.policy import ReviewPolicy, for_run
 from jewelclf.inference.runtime import keras_pixels, keras_probabilities, tflite_interpreter, tflite_probabilities
+from jewelclf.modeling.tta import NONE as TTA_NONE
+from jewelclf.modeling.tta import check_mode, with_tta
 from jewelclf.runs import RunModel, load_run, timestamp
 
 
@@ -72,23 +74,26 @@ def _representative_dataset(run: RunModel, parity_data: str | None) -> Callable:
     return _representative
 
 
-def calibrated_model(run: RunModel):
-    """The run's model with its temperature scaling appended: pixels in, calibrated probabilities out."""
+def calibrated_model(run: RunModel, tta: str = TTA_NONE):
+    """The run's model with its temperature scaling appended: pixels in, calibrated probabilities
+    out; ``tta="flip"`` calibrates the mean over a horizontal flip (:mod:`jewelclf.modeling.tta`)."""
     import keras
 
     from jewelclf.modeling.confidence import TemperatureScaling
 
+    model = with_tta(run.model, tta)
     if run.temperature == 1.0:
-        return run.model
+        return model
     inputs = keras.Input(run.model.input_shape[1:], name="pixels")
-    outputs = TemperatureScaling(run.temperature, name="calibration")(run.model(inputs, training=False))
+    outputs = TemperatureScaling(run.temperature, name="calibration")(model(inputs, training=False))
     return keras.Model(inputs, outputs, name=f"{run.model.name}_calibrated")
 
 
-def _convert(run: RunModel, path: Path, mode: str, spec: list, representative: Callable | None) -> None:
-    """Write ``path``: the run's calibrated model through LiteRT's converter in ``mode``."""
+def _convert(run: RunModel, path: Path, mode: str, spec: list, representative: Callable | None,
+             tta: str = TTA_NONE) -> None:
+    """Write ``path``: the run's calibrated model (with ``tta``) through LiteRT's converter in ``mode``."""
     options = _converter_options(mode, representative)
-    model = calibrated_model(run)
+    model = calibrated_model(run, tta)
 
     def save(tmp, options=options):
         model.export(str(tmp), format="litert", verbose=False, input_signature=spec, **options)
@@ -130,28 +135,32 @@ def _tflite_report(run: RunModel, policy: ReviewPolicy, out_dir: Path, images: l
 def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str] = ("none",),
                   test_data: str | None = None, parity_data: str | None = None,
                   overwrite: bool = False, log: Log = print,
-                  review_threshold: float | None = None) -> dict[str, Any]:
+                  review_threshold: float | None = None, tta: str = TTA_NONE) -> dict[str, Any]:
     """One ``model_<mode>.tflite`` per mode, with a report on size, agreement and accuracy.
 
-    The models answer calibrated probabilities; ``jewelclf.json`` records the review threshold
-    (the run's, or ``review_threshold``). The unknown score needs the pooled features and
-    the training vectors, which the TFLite models leave out: it is the SavedModel's."""
+    The models answer calibrated probabilities (``tta="flip"``: of the mean over a horizontal
+    flip, compared with the Keras model averaged the same way); ``jewelclf.json`` records the
+    review threshold (the run's, or ``review_threshold``) and ``tta``. The unknown score needs
+    the pooled features and the training vectors, which the TFLite models leave out: it is the
+    SavedModel's."""
     import keras
 
     require_tensorflow_backend()
+    check_mode(tta)
     modes = _check_modes(modes)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    policy = for_run(run, review_threshold, log, reference=False)
+    policy = for_run(run, review_threshold, log, reference=False, tta=tta)
     out_dir = Path(output) if output is not None else default_output(run_dir, "tflite")
     prepare_folder(out_dir, [f"model_{m}.tflite" for m in modes], overwrite)
     images = run_images(run, ("test", "val", "train"), PARITY_IMAGES, parity_data)
     pixels = keras_pixels([im.data for im in images], run.image_size, run.resize)
-    keras_probs = np.asarray(scale(keras_probabilities(run.model, pixels), run.temperature), np.float32)
+    keras_probs = np.asarray(scale(keras_probabilities(with_tta(run.model, tta), pixels), run.temperature),
+                             np.float32)
     representative = _representative_dataset(run, parity_data) if "int8" in modes else None
 
     test = labelled_test_images(test_data, run.class_names, run.config.data) if test_data else None
-    keras_test = keras_test_probabilities(run, test[1]) if test else None
+    keras_test = keras_test_probabilities(run, test[1], tta=tta) if test else None
     test_pixels = None
     if test:
         test_pixels = keras_pixels(test[1], run.image_size, run.resize)
@@ -161,7 +170,7 @@ def export_tflite(run_dir: Path, output: Path | None = None, modes: Iterable[str
         path = out_dir / f"model_{mode}.tflite"
         log(f"converting to TFLite ({mode})...")
         t0 = time.perf_counter()
-        _convert(run, path, mode, spec, representative)
+        _convert(run, path, mode, spec, representative, tta)
         interp = tflite_interpreter(path)
         probs = tflite_probabilities(interp, pixels)
         entry = {"file": path.name, "size_bytes": path.stat().st_size,

@@ -3,7 +3,9 @@
 An answer is the calibrated probabilities (the run's temperature), their top value
 (``confidence``), the distance to the nearest training image (``unknown_score``, the run's
 :mod:`jewelclf.evaluation.reference`) and ``needs_review``: true when the confidence is below
-the review threshold or the unknown score above the unknown threshold. The SavedModel's graph
+the review threshold or the unknown score above the unknown threshold. ``tta`` names the
+test-time augmentation the raw probabilities are computed with (:mod:`jewelclf.modeling.tta`):
+``none``, or ``flip`` for the mean over a horizontal flip. The SavedModel's graph
 computes the same in TensorFlow (:func:`jewelclf.export.serving.build_archive`); this NumPy
 form is what ``predict`` with a Keras model answers and what the export's parity check holds
 the graph to.
@@ -22,7 +24,8 @@ from jewelclf.evaluation.calibration import scale
 
 @dataclass
 class ReviewPolicy:
-    """The run's temperature, review threshold and unknown reference (``None``: no such part).
+    """The run's temperature, review threshold and unknown reference (``None``: no such part),
+    and the test-time augmentation (``tta``) that computes the raw probabilities it answers from.
 
     ``review_threshold_source`` says where the threshold came from: ``run`` (chosen on val by
     ``fit``), ``--review-threshold`` (the export's override) or ``none``."""
@@ -31,6 +34,7 @@ class ReviewPolicy:
     review_threshold: float | None = None
     review_threshold_source: str = "none"
     reference: Any = None  # jewelclf.evaluation.reference.UnknownReference
+    tta: str = "none"
 
     @property
     def unknown_threshold(self) -> float | None:
@@ -56,7 +60,7 @@ class ReviewPolicy:
     def describe(self) -> dict[str, Any]:
         """What an export records in ``jewelclf.json`` (``unknown`` is absent without a reference)."""
         out: dict[str, Any] = {"temperature": self.temperature, "review_threshold": self.review_threshold,
-                               "review_threshold_source": self.review_threshold_source}
+                               "review_threshold_source": self.review_threshold_source, "tta": self.tta}
         if self.reference is not None:
             out["unknown"] = self.reference.describe()
         return out
@@ -69,13 +73,16 @@ def check_review_threshold(value: float | None) -> None:
                             f"from 0 (never review for confidence) to 1")
 
 
-def for_run(run, review_threshold: float | None = None, log=print, reference: bool = True) -> ReviewPolicy:
+def for_run(run, review_threshold: float | None = None, log=print, reference: bool = True,
+            tta: str = "none") -> ReviewPolicy:
     """The policy of a finished run (a :class:`jewelclf.runs.RunModel`): its calibration, and
     its unknown reference (``reference``; built once for a run from before it was kept).
-    ``review_threshold`` overrides the run's threshold."""
+    ``review_threshold`` overrides the run's threshold; ``tta`` is the test-time augmentation."""
     from jewelclf.evaluation import reference as reference_mod
+    from jewelclf.modeling.tta import check_mode
 
     check_review_threshold(review_threshold)
+    check_mode(tta)
     calibration = run.calibration
     if review_threshold is not None:
         threshold, source = float(review_threshold), "--review-threshold"
@@ -84,7 +91,7 @@ def for_run(run, review_threshold: float | None = None, log=print, reference: bo
     else:
         threshold, source = None, "none"
     ref = reference_mod.ensure(run, log) if reference else None
-    return ReviewPolicy(run.temperature, threshold, source, ref)
+    return ReviewPolicy(run.temperature, threshold, source, ref, tta)
 
 
 def from_info(info: dict[str, Any], reference=None) -> ReviewPolicy:
@@ -93,4 +100,4 @@ def from_info(info: dict[str, Any], reference=None) -> ReviewPolicy:
     return ReviewPolicy(float(info.get("temperature") or 1.0),
                         None if threshold is None else float(threshold),
                         str(info.get("review_threshold_source") or ("none" if threshold is None else "run")),
-                        reference)
+                        reference, str(info.get("tta") or "none"))

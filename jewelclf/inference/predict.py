@@ -108,6 +108,27 @@ def _pixel_model_info(folder: Path) -> dict[str, Any]:
                         f"jewelclf export, or point at the run dir")
 
 
+def with_tta(predictor: Predictor, tta: str) -> Predictor:
+    """``predictor`` answering with ``tta`` (``predict --tta``): a Keras model averages over the
+    flip here; an export answers with the test-time augmentation baked into it, so it must
+    record the same ``tta`` (:mod:`jewelclf.modeling.tta`)."""
+    from dataclasses import replace
+
+    from jewelclf.modeling.tta import NONE, check_mode
+
+    if check_mode(tta) == NONE:
+        return predictor
+    if isinstance(predictor, KerasPredictor):
+        predictor.policy = replace(predictor.policy, tta=tta)
+        return predictor
+    recorded = predictor.policy.tta if isinstance(predictor, TFLitePredictor) else getattr(predictor, "tta", NONE)
+    if recorded != tta:
+        raise JewelclfError(f"--tta {tta} applies to a .keras model or a run dir; {predictor.description} "
+                            f"has no test-time augmentation baked in: export it with jewelclf export --tta, "
+                            f"or drop --tta")
+    return predictor
+
+
 def load_predictor(model: str | Path) -> Predictor:
     """A predictor for MODEL: a SavedModel (version or base folder), a run dir, an export
     folder of ``--format keras``/``tflite``, or a ``.keras``/``.tflite`` file."""
@@ -211,11 +232,15 @@ def format_table(results: list[Prediction]) -> str:
 def run_predict(model: str | None, images: list[str], top_k: int | None = None,
                 server: str | None = None, server_model: str | None = None,
                 version: int | None = None, batch_size: int = DEFAULT_BATCH,
-                timeout: float = 60.0) -> tuple[list[Prediction], str]:
-    """The ``jewelclf predict`` command: returns the results and what predicted them."""
+                timeout: float = 60.0, tta: str = "none") -> tuple[list[Prediction], str]:
+    """The ``jewelclf predict`` command: returns the results and what predicted them; ``tta``
+    (``flip``) averages a Keras model's probabilities over a horizontal flip (:func:`with_tta`)."""
     if server:
         if not server_model:
             raise JewelclfError("--server needs --model NAME, the model name TF Serving serves")
+        if tta != "none":
+            raise JewelclfError("--tta does not apply with --server: the server answers as its model "
+                                "was exported; export it with jewelclf export --tta, or drop --tta")
         paths = ([model] if model else []) + list(images)
         from jewelclf.inference.serving_client import ServerPredictor  # the REST client: only with --server
 
@@ -226,7 +251,7 @@ def run_predict(model: str | None, images: list[str], top_k: int | None = None,
         if not model or not images:
             raise JewelclfError("pass MODEL and at least one IMAGE_OR_DIR (or --server URL --model NAME IMAGE...)")
         paths = list(images)
-        predictor = load_predictor(model)
+        predictor = with_tta(load_predictor(model), tta)
     if top_k is not None and top_k < 1:
         raise JewelclfError(f"--top-k must be at least 1, got {top_k}")
     files = collect_images(paths)

@@ -150,6 +150,7 @@ class SavedModelPredictor(Predictor):
             meta = json.loads(info.read_text(encoding="utf-8"))
             self.class_names = meta.get("class_names")
             self.limits = recorded_limits(meta)
+            self.tta = str(meta.get("tta") or "none")  # baked into the graph by export --tta
         self.description = f"SavedModel {path}"
 
     def _predict_batch(self, encoded, top_k):
@@ -210,7 +211,7 @@ class KerasPredictor(PixelModelPredictor):
         self.description = f"Keras model {path}"
 
     def _answer(self, pixels):
-        raw, features = keras_probabilities_and_features(self.model, pixels)
+        raw, features = keras_probabilities_and_features(self.model, pixels, tta=self.policy.tta)
         answer = self.policy.answer(raw, features if self.policy.reference is not None else None)
         if self.policy.reference is None:
             answer.pop("unknown_score")

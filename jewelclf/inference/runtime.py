@@ -32,12 +32,13 @@ def keras_probabilities(model, pixels: np.ndarray, batch_size: int = 32) -> np.n
         for i in range(0, len(pixels), batch_size)])
 
 
-def keras_probabilities_and_features(model, pixels: np.ndarray,
-                                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The Keras model's probabilities and pooled backbone features on uint8 pixels, in one pass."""
-    from jewelclf.modeling.classifier import with_features
+def keras_probabilities_and_features(model, pixels: np.ndarray, batch_size: int = 32,
+                                     tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """The Keras model's probabilities and pooled backbone features on uint8 pixels, in one pass
+    (``tta="flip"``: the probabilities averaged over a horizontal flip, :mod:`jewelclf.modeling.tta`)."""
+    from jewelclf.modeling.tta import scoring_model
 
-    both = with_features(model)
+    both = scoring_model(model, tta, with_features=True)
     dim = int(both.output["features"].shape[-1])
     if len(pixels) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32), np.zeros((0, dim), np.float32)
