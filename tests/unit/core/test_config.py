@@ -65,6 +65,9 @@ def test_missing_config_file(tmp_path):
     ("train:\n  stage1:\n    epochs: -2\n", "config key 'train.stage1.epochs' must not be negative, got -2"),
     ("train:\n  stage2:\n    epochs: -1\n", "config key 'train.stage2.epochs' must not be negative, got -1"),
     ("data:\n  image_size: 0\n", "config key 'data.image_size' must be positive, got 0"),
+    ("train:\n  stage2:\n    views: 0\n", "config key 'train.stage2.views' must be positive, got 0"),
+    ("train:\n  stage2:\n    cache_activations: always\n",
+     "config key 'train.stage2.cache_activations' must be one of auto, on, off, got 'always'"),
 ])
 def test_bad_yaml_through_fit_is_one_line(tmp_path, text, needle):
     from click.testing import CliRunner
