@@ -128,11 +128,11 @@ def scores(model: keras.Model, x, y: np.ndarray) -> dict[str, float]:
 
 
 class Watch(keras.callbacks.Callback):
-    """Each epoch's val and test figures; the weights of the lowest val_loss (epoch 0: start)."""
+    """Each epoch's val and test figures, and the epoch of the lowest val_loss (0: the start)."""
 
-    def __init__(self, full: keras.Model, top: keras.Model, cache: Cache, anchor=None, decay=0.0):
+    def __init__(self, top: keras.Model, cache: Cache, anchor=None, decay=0.0):
         super().__init__()
-        self.full, self.top, self.cache, self.anchor, self.decay = full, top, cache, anchor, decay
+        self.top, self.cache, self.anchor, self.decay = top, cache, anchor, decay
         self.rows: list[dict] = []
         self.best = None
         self.record(0)
@@ -145,7 +145,7 @@ class Watch(keras.callbacks.Callback):
         print("   ", " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in self.rows[-1].items()), flush=True)
         if self.best is None or val["loss"] < self.best[0]:
-            self.best = (val["loss"], epoch, self.full.get_weights())
+            self.best = (val["loss"], epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.decay:  # L2-SP as a decoupled pull, this fraction per step, to the pretrained weights
@@ -164,14 +164,20 @@ def pooled(top: keras.Model, acts) -> np.ndarray:
     return features.predict(acts, batch_size=64, verbose=0)
 
 
-def recipe(name: str, cache: Cache, stage1_weights: list | None) -> tuple[dict, list]:
-    settings = {**BASE, **RECIPES[name]}
+def fresh_classifier(cache: Cache):
+    """The run's config, backbone spec, a new seeded classifier with its top block unfrozen,
+    and that classifier's top (the block5 input -> probabilities)."""
     config = resolve(None, cache.meta["config"])
     spec = get_backbone(config.model.backbone)
     keras.utils.set_random_seed(config.train.seed)
     model = build_classifier(config, len(cache.meta["classes"]))
     unfreeze_top_blocks(model, spec, 1)
-    _, top = split_at_boundary(model, spec, 1)
+    return config, spec, model, split_at_boundary(model, spec, 1)[1]
+
+
+def recipe(name: str, cache: Cache, stage1_weights: list | None) -> tuple[dict, list]:
+    settings = {**BASE, **RECIPES[name]}
+    config, spec, model, top = fresh_classifier(cache)
     weights = {int(k): v for k, v in cache.meta["class_weights"].items()} or None
     t0 = time.perf_counter()
     if stage1_weights is None:
@@ -190,7 +196,7 @@ def recipe(name: str, cache: Cache, stage1_weights: list | None) -> tuple[dict, 
                                       ema_momentum=settings["ema"] or 0.99)
     top.compile(optimizer, keras.losses.CategoricalCrossentropy(label_smoothing=settings["label_smoothing"]),
                 metrics=["accuracy"])
-    watch = Watch(model, top, cache, anchor, settings["l2sp"])
+    watch = Watch(top, cache, anchor, settings["l2sp"])
     plateau = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.3, patience=1)
     for epoch in range(settings["epochs"]):
         view = cache.view(settings["views"][epoch % len(settings["views"])])
@@ -199,7 +205,7 @@ def recipe(name: str, cache: Cache, stage1_weights: list | None) -> tuple[dict, 
         top.fit(view, cache.y["train"], batch_size=32, epochs=epoch + 1, initial_epoch=epoch,
                 validation_data=(cache.acts["val"], cache.y["val"]), class_weight=weights,
                 callbacks=callbacks + [plateau, watch], verbose=0)
-    _, best_epoch, best = watch.best
+    best_epoch = watch.best[1]
     row = {**watch.rows[best_epoch], "recipe": name, "restored": best_epoch,
            "seconds": round(time.perf_counter() - t0, 1)}
     return row, stage1_weights
@@ -208,12 +214,7 @@ def recipe(name: str, cache: Cache, stage1_weights: list | None) -> tuple[dict, 
 def concat_head(cache: Cache) -> dict:
     """Stage 1's head on block4's and block5's pooled outputs side by side (1,024 features),
     trained as stage 1 trains (Adam 1e-3, 30 epochs, patience 5, best val_loss restored)."""
-    config = resolve(None, cache.meta["config"])
-    spec = get_backbone(config.model.backbone)
-    keras.utils.set_random_seed(config.train.seed)
-    model = build_classifier(config, len(cache.meta["classes"]))
-    unfreeze_top_blocks(model, spec, 1)
-    _, top = split_at_boundary(model, spec, 1)
+    config, _, _, top = fresh_classifier(cache)
     t0 = time.perf_counter()
     x = {s: np.concatenate([pooled(top, cache.acts[s]), np.asarray(cache.acts[s], "float32").mean((1, 2))], 1)
          for s in ("train", "val", "test")}
