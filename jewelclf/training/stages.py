@@ -266,8 +266,7 @@ def train_stage2(model: keras.Model, config: Config, train_ds, val_ds, weights: 
                                           epoch_offset + done, log, progress, epoch)
             trainee.fit(train_data, validation_data=val_data, epochs=n_epochs, class_weight=weights,
                         verbose=_verbose(), shuffle=False, callbacks=callbacks)
-            if trainee is not model:
-                cached_steps += 1
+            cached_steps += int(trainee is not model)  # the top on cached activations
         done += recorder.epochs_done
         stopped = plateau.stopped or recorder.best_val_loss >= best_before
         if progress is not None:
